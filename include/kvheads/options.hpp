@@ -1,0 +1,35 @@
+#pragma once
+// AttentionOptions: every logit transform and mask the kernels apply, and the thread count.
+#include <cmath>
+
+#include "kvheads/core/check.hpp"
+
+namespace kvheads {
+
+/// Options shared by every attend() entry point. Logits are
+/// s = scale * q.k, then softcap * tanh(s / softcap), then + ALiBi bias, then masks.
+struct AttentionOptions {
+  bool causal = false;
+  int window = 0;       // sliding window in tokens, 0 = unlimited
+  float softcap = 0.f;  // 0 = off
+  bool alibi = false;
+  float scale = 0.f;    // 0 = 1/sqrt(head_dim)
+  int threads = 0;      // 0 = hardware concurrency
+
+  /// Throws std::invalid_argument naming the bad option.
+  void validate() const {
+    if (window < 0) detail::throw_invalid("window (", window, ") must be >= 0 (0 = unlimited)");
+    if (!std::isfinite(softcap) || softcap < 0.f)
+      detail::throw_invalid("softcap (", softcap, ") must be finite and >= 0 (0 = off)");
+    if (!std::isfinite(scale) || scale < 0.f)
+      detail::throw_invalid("scale (", scale, ") must be finite and >= 0 (0 = 1/sqrt(head_dim))");
+    if (threads < 0) detail::throw_invalid("threads (", threads, ") must be >= 0 (0 = hardware concurrency)");
+  }
+
+  /// The scale actually used for a given head_dim.
+  float effective_scale(int head_dim) const {
+    return scale > 0.f ? scale : float(1.0 / std::sqrt(double(head_dim)));
+  }
+};
+
+}  // namespace kvheads
