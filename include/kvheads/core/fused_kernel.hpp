@@ -1,0 +1,561 @@
+#pragma once
+// The fused attention kernel, written once over the simd/ vector interface.
+//
+// Work is cut into tasks of (KV head, query tile, key split). A task owns "rows": the
+// group_size query heads that share its KV head, times the queries of its tile. Keys are
+// visited in blocks; for each block the kernel computes the rows' logits, applies the
+// logit transforms and masks, updates an online softmax per row and accumulates P.V.
+// Every K and V element of a block is therefore read once per group, not once per query
+// head, and no q_len x kv_len matrix ever exists: a block's logits live in a
+// [key_block][rows] scratch that stays in L1.
+//
+// Logits are stored key-major ([key][row]) so the softmax, masks and ALiBi are vertical
+// vector operations over rows, and P.V broadcasts one probability per (key, row).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kvheads/core/logits.hpp"
+#include "kvheads/core/parallel.hpp"
+#include "kvheads/core/softmax.hpp"
+#include "kvheads/head_layout.hpp"
+#include "kvheads/simd/simd.hpp"
+
+namespace kvheads::detail {
+
+/// One attend() call with its options resolved. K/V element (kv_head h, key j, i) lives at
+/// k[j * kv_token_stride + h * kv_head_stride + i]; key j sits at absolute position j.
+template <class KvT>
+struct AttendArgs {
+  const float* q = nullptr;
+  std::ptrdiff_t q_token_stride = 0, q_head_stride = 0;
+  const KvT* k = nullptr;
+  const KvT* v = nullptr;
+  std::ptrdiff_t kv_token_stride = 0, kv_head_stride = 0;
+  float* out = nullptr;
+  std::ptrdiff_t out_token_stride = 0, out_head_stride = 0;
+  float* lse = nullptr;  // optional [q_len][q_heads]
+  std::ptrdiff_t q_len = 0, kv_len = 0;
+  std::ptrdiff_t first_query_pos = 0;  // absolute position of query row 0
+  HeadLayout layout{};
+  float scale = 1.f;
+  float softcap = 0.f;
+  bool causal = false;
+  std::ptrdiff_t window = 0;
+  const float* alibi_slopes = nullptr;  // [q_heads], or null when ALiBi is off
+  int threads = 0;
+  ThreadPool* pool = nullptr;  // null: the global pool
+};
+
+/// Reads one stored K/V element as float (storage types add overloads).
+inline float kv_to_float(float x) { return x; }
+
+/// A compile-time size, or a run-time one when the template argument is Dynamic.
+template <int Static>
+struct Size {
+  constexpr explicit Size(int) {}
+  static constexpr int get() { return Static; }
+};
+template <>
+struct Size<Dynamic> {
+  int value;
+  constexpr explicit Size(int v) : value(v) {}
+  constexpr int get() const { return value; }
+};
+
+/// Growable per-thread scratch: allocated on first use and reused by every later call on
+/// that thread (the pool's workers are persistent), so the hot path allocates nothing.
+inline float* thread_scratch(std::size_t floats, int slot) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+template <class Isa>
+struct Tiling {
+  static constexpr int width = Isa::width;
+  /// Rows per task: four vectors' worth keeps the Q.K micro-kernel FMA-bound.
+  static constexpr int target_rows = 4 * width < 16 ? 16 : 4 * width;
+  static constexpr int key_block = 64;
+};
+
+// ---------------------------------------------------------------------------------------
+// Micro-kernels. Each computes a register tile; the driver walks tiles.
+
+/// Q.K for many rows: logits[j][rows] += sum_d qt[d][rows] * k_j[d], vectorised over rows.
+/// `qt` is the scaled queries transposed ([head_dim][rows_padded]); each K element is
+/// broadcast once and feeds RowVecs x Keys FMAs.
+template <class Isa, int RowVecs, int Keys, class KvT>
+inline void qk_by_rows(const float* qt, int rows_padded, const KvT* k, std::ptrdiff_t k_stride, int head_dim,
+                       float* logits) {
+  using V = typename Isa::vec;
+  V acc[RowVecs][Keys];
+  for (int r = 0; r < RowVecs; ++r)
+    for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
+  for (int d = 0; d < head_dim; ++d) {
+    V q[RowVecs];
+    for (int r = 0; r < RowVecs; ++r) q[r] = Isa::load(qt + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
+    for (int j = 0; j < Keys; ++j) {
+      const V key = Isa::broadcast(kv_to_float(k[j * k_stride + d]));
+      for (int r = 0; r < RowVecs; ++r) acc[r][j] = Isa::fma(q[r], key, acc[r][j]);
+    }
+  }
+  for (int j = 0; j < Keys; ++j)
+    for (int r = 0; r < RowVecs; ++r) Isa::store(logits + j * rows_padded + r * Isa::width, acc[r][j]);
+}
+
+/// Loads head_dim elements' chunk `c` of a K/V row (partial on the tail chunk).
+template <class Isa, class HeadDim>
+inline typename Isa::vec load_chunk(const float* row, int c, HeadDim head_dim) {
+  const int remaining = head_dim.get() - c * Isa::width;
+  return remaining >= Isa::width ? Isa::load(row + c * Isa::width) : Isa::load_partial(row + c * Isa::width, remaining);
+}
+
+/// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim,
+/// one horizontal sum per (row, key). `q_rows` are scaled queries padded with zeros to
+/// whole vectors ([rows][dim_padded]).
+template <class Isa, int Rows, int Keys, class HeadDim>
+inline void qk_by_dims(const float* q_rows, int dim_padded, const float* k, std::ptrdiff_t k_stride,
+                       HeadDim head_dim, int rows_padded, float* logits) {
+  using V = typename Isa::vec;
+  V acc[Rows][Keys];
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
+  const int chunks = (head_dim.get() + Isa::width - 1) / Isa::width;
+  for (int c = 0; c < chunks; ++c) {
+    V key[Keys];
+    for (int j = 0; j < Keys; ++j) key[j] = load_chunk<Isa>(k + j * k_stride, c, head_dim);
+    for (int r = 0; r < Rows; ++r) {
+      const V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded + c * Isa::width);
+      for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::fma(q, key[j], acc[r][j]);
+    }
+  }
+  for (int j = 0; j < Keys; ++j)
+    for (int r = 0; r < Rows; ++r) logits[j * rows_padded + r] = Isa::reduce_sum(acc[r][j]);
+}
+
+/// P.V: out[r][chunk c0..c0+Chunks) += sum_j p[j][r] * v_j[...], for Rows rows.
+template <class Isa, int Rows, int Chunks, class HeadDim>
+inline void pv_tile(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
+                    HeadDim head_dim, int first_chunk, float* out, int dim_padded) {
+  using V = typename Isa::vec;
+  V acc[Rows][Chunks];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Chunks; ++c)
+      acc[r][c] = Isa::load(out + std::ptrdiff_t(r) * dim_padded + (first_chunk + c) * Isa::width);
+  for (int j = 0; j < keys; ++j) {
+    V value[Chunks];
+    for (int c = 0; c < Chunks; ++c) value[c] = load_chunk<Isa>(v + j * v_stride, first_chunk + c, head_dim);
+    for (int r = 0; r < Rows; ++r) {
+      const V weight = Isa::broadcast(p[std::ptrdiff_t(j) * rows_padded + r]);
+      for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Chunks; ++c)
+      Isa::store(out + std::ptrdiff_t(r) * dim_padded + (first_chunk + c) * Isa::width, acc[r][c]);
+}
+
+// Dispatch a run-time tile remainder (1..4) to the compile-time micro-kernels.
+template <class Isa, int Keys, class KvT>
+inline void qk_by_rows_any(int row_vecs, const float* qt, int rows_padded, const KvT* k, std::ptrdiff_t k_stride,
+                           int head_dim, float* logits) {
+  switch (row_vecs) {
+    case 1: return qk_by_rows<Isa, 1, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
+    case 2: return qk_by_rows<Isa, 2, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
+    case 3: return qk_by_rows<Isa, 3, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
+    default: return qk_by_rows<Isa, 4, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
+  }
+}
+
+template <class Isa, int Keys, class HeadDim>
+inline void qk_by_dims_any(int rows, const float* q_rows, int dim_padded, const float* k, std::ptrdiff_t k_stride,
+                           HeadDim head_dim, int rows_padded, float* logits) {
+  switch (rows) {
+    case 1: return qk_by_dims<Isa, 1, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
+    case 2: return qk_by_dims<Isa, 2, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
+    case 3: return qk_by_dims<Isa, 3, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
+    default: return qk_by_dims<Isa, 4, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
+  }
+}
+
+template <class Isa, int Chunks, class HeadDim>
+inline void pv_any_rows(int rows, const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
+                        HeadDim head_dim, int first_chunk, float* out, int dim_padded) {
+  switch (rows) {
+    case 1: return pv_tile<Isa, 1, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    case 2: return pv_tile<Isa, 2, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    case 3: return pv_tile<Isa, 3, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    default: return pv_tile<Isa, 4, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+  }
+}
+
+template <class Isa, class HeadDim>
+inline void pv_any(int rows, int chunks, const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride,
+                   int keys, HeadDim head_dim, int first_chunk, float* out, int dim_padded) {
+  switch (chunks) {
+    case 1: return pv_any_rows<Isa, 1>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    case 2: return pv_any_rows<Isa, 2>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    case 3: return pv_any_rows<Isa, 3>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    default: return pv_any_rows<Isa, 4>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// One task: a KV head, a tile of queries, and a contiguous range of keys.
+
+template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
+class FusedTask {
+  using V = typename Isa::vec;
+  static constexpr int width = Isa::width;
+  static constexpr int key_block = Tiling<Isa>::key_block;
+  static constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+
+ public:
+  FusedTask(const AttendArgs<KvT>& args, int query_tile)
+      : args_(args),
+        head_dim_(args.layout.head_dim),
+        group_(args.layout.group_size()),
+        query_tile_(query_tile),
+        dim_padded_(round_up(args.layout.head_dim, width)) {}
+
+  /// Scratch floats one task needs (for the largest tile).
+  std::size_t scratch_floats() const {
+    const int rows_padded = round_up(group_.get() * query_tile_, width);
+    const std::size_t queries = std::size_t(std::max(head_dim_.get() * rows_padded, group_.get() * query_tile_ * dim_padded_));
+    return queries + std::size_t(key_block) * rows_padded + std::size_t(group_.get() * query_tile_) * dim_padded_ +
+           std::size_t(rows_padded) * 8;
+  }
+
+  /// Attends queries [first_query, first_query + queries) of kv_head to keys
+  /// [key_begin, key_end). Writes normalised rows and their log-sum-exp to out_rows/lse_rows
+  /// ([rows][head_dim] and [rows], row = query * group + g) when given, else straight
+  /// into args.out / args.lse.
+  void run(int kv_head, std::ptrdiff_t first_query, int queries, std::ptrdiff_t key_begin, std::ptrdiff_t key_end,
+           float* scratch, float* out_rows, float* lse_rows) const {
+    const int group = group_.get();
+    const int head_dim = head_dim_.get();
+    const int rows = group * queries;
+    const int rows_padded = round_up(rows, width);
+    const bool by_dims = 2 * rows <= width;  // too few rows to fill a vector
+
+    // Scratch layout.
+    float* queries_buf = scratch;
+    float* logits = queries_buf + std::max(head_dim * rows_padded, rows * dim_padded_);
+    float* acc = logits + std::ptrdiff_t(key_block) * rows_padded;
+    float* row_max = acc + std::ptrdiff_t(rows) * dim_padded_;
+    float* row_sum = row_max + rows_padded;
+    float* row_scale = row_sum + rows_padded;
+    float* row_first = row_scale + rows_padded;   // first visible key, relative to the block
+    float* row_last = row_first + rows_padded;    // last visible key, relative to the block
+    float* row_slope = row_last + rows_padded;
+    float* row_bias = row_slope + rows_padded;    // (block start - query position)
+
+    // Stage the scaled queries: transposed for the by-rows kernel, padded rows otherwise.
+    for (int r = 0; r < rows_padded; ++r) {
+      const bool real = r < rows;
+      const int query = real ? r / group : 0;
+      const int q_head = kv_head * group + (real ? r % group : 0);
+      const float* q = args_.q + (first_query + query) * args_.q_token_stride + q_head * args_.q_head_stride;
+      if (by_dims) {
+        if (!real) continue;
+        float* dst = queries_buf + std::ptrdiff_t(r) * dim_padded_;
+        for (int d = 0; d < dim_padded_; ++d) dst[d] = d < head_dim ? q[d] * args_.scale : 0.f;
+      } else {
+        for (int d = 0; d < head_dim; ++d)
+          queries_buf[std::ptrdiff_t(d) * rows_padded + r] = real ? q[d] * args_.scale : 0.f;
+      }
+    }
+    for (int r = 0; r < rows_padded; ++r) {
+      row_max[r] = neg_inf;
+      row_sum[r] = 0.f;
+      row_slope[r] = (args_.alibi_slopes && r < rows) ? args_.alibi_slopes[kv_head * group + r % group] : 0.f;
+    }
+    for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(rows) * dim_padded_; ++i) acc[i] = 0.f;
+
+    // Keys any row of the tile can see; blocks outside are skipped entirely.
+    const std::ptrdiff_t first_pos = args_.first_query_pos + first_query;
+    const std::ptrdiff_t last_pos = first_pos + queries - 1;
+    const KeyRange first_row = visible_keys(first_pos, args_.kv_len, args_.causal, args_.window);
+    const KeyRange last_row = visible_keys(last_pos, args_.kv_len, args_.causal, args_.window);
+    const std::ptrdiff_t begin = std::max(key_begin, first_row.first);
+    const std::ptrdiff_t end = std::min(key_end, last_row.last + 1);
+    const bool masked = args_.causal || args_.window > 0;
+
+    const KvT* k_head = args_.k + kv_head * args_.kv_head_stride;
+    const KvT* v_head = args_.v + kv_head * args_.kv_head_stride;
+    for (std::ptrdiff_t block = begin; block < end; block += key_block) {
+      const int keys = int(std::min<std::ptrdiff_t>(key_block, end - block));
+      const KvT* k = k_head + block * args_.kv_token_stride;
+      const KvT* v = v_head + block * args_.kv_token_stride;
+
+      // Logits of the block.
+      if (by_dims) {
+        int j = 0;
+        for (; j + 4 <= keys; j += 4)
+          for (int r = 0; r < rows; r += 4)
+            qk_by_dims_any<Isa, 4>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
+                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim_, rows_padded,
+                                   logits + std::ptrdiff_t(j) * rows_padded + r);
+        for (; j < keys; ++j)
+          for (int r = 0; r < rows; r += 4)
+            qk_by_dims_any<Isa, 1>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
+                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim_, rows_padded,
+                                   logits + std::ptrdiff_t(j) * rows_padded + r);
+        for (int j2 = 0; j2 < keys; ++j2)  // padded lanes must hold finite values
+          for (int r = rows; r < rows_padded; ++r) logits[std::ptrdiff_t(j2) * rows_padded + r] = 0.f;
+      } else {
+        const int row_vecs = rows_padded / width;
+        int j = 0;
+        for (; j + 4 <= keys; j += 4)
+          for (int rv = 0; rv < row_vecs; rv += 4)
+            qk_by_rows_any<Isa, 4>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
+                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim,
+                                   logits + std::ptrdiff_t(j) * rows_padded + rv * width);
+        for (; j < keys; ++j)
+          for (int rv = 0; rv < row_vecs; rv += 4)
+            qk_by_rows_any<Isa, 1>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
+                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim,
+                                   logits + std::ptrdiff_t(j) * rows_padded + rv * width);
+      }
+
+      // Per-row mask bounds and ALiBi offsets relative to this block, as small exact floats.
+      // Only blocks crossing a row's causal edge or window start need masking.
+      const bool crosses_causal_edge = block + keys - 1 > first_pos;
+      const bool crosses_window_start = args_.window > 0 && block <= last_pos - args_.window;
+      const bool block_needs_mask = masked && (crosses_causal_edge || crosses_window_start);
+      if (block_needs_mask || args_.alibi_slopes) {
+        for (int r = 0; r < rows_padded; ++r) {
+          const std::ptrdiff_t position = first_pos + (r < rows ? r / group : 0);
+          const KeyRange range = visible_keys(position, args_.kv_len, args_.causal, args_.window);
+          row_first[r] = float(std::clamp<std::ptrdiff_t>(range.first - block, 0, key_block));
+          row_last[r] = float(std::clamp<std::ptrdiff_t>(range.last - block, -1, key_block));
+          row_bias[r] = float(block - position);
+        }
+      }
+      transform_logits(logits, keys, rows_padded, block_needs_mask, row_first, row_last, row_slope, row_bias);
+      update_softmax(logits, keys, rows_padded, row_max, row_sum, row_scale);
+
+      // Rescale what earlier blocks accumulated, then add this block's P.V.
+      for (int r = 0; r < rows; ++r) {
+        if (row_scale[r] == 1.f) continue;
+        const V factor = Isa::broadcast(row_scale[r]);
+        float* row = acc + std::ptrdiff_t(r) * dim_padded_;
+        for (int d = 0; d < dim_padded_; d += width) Isa::store(row + d, Isa::mul(factor, Isa::load(row + d)));
+      }
+      const int chunks = dim_padded_ / width;
+      for (int r = 0; r < rows; r += 4)
+        for (int c = 0; c < chunks; c += 4)
+          pv_any<Isa>(std::min(4, rows - r), std::min(4, chunks - c), logits + r, rows_padded, v,
+                      args_.kv_token_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_, dim_padded_);
+    }
+
+    // Normalise. A row that saw no key has sum 0 and outputs zeros, never NaN.
+    for (int r = 0; r < rows; ++r) {
+      const int query = r / group;
+      const int q_head = kv_head * group + r % group;
+      float* dst = out_rows ? out_rows + std::ptrdiff_t(r) * head_dim
+                            : args_.out + (first_query + query) * args_.out_token_stride + q_head * args_.out_head_stride;
+      const float sum = row_sum[r];
+      const float inverse = sum > 0.f ? 1.f / sum : (sum == 0.f ? 0.f : sum);  // NaN stays NaN
+      const float* row = acc + std::ptrdiff_t(r) * dim_padded_;
+      for (int d = 0; d < head_dim; ++d) dst[d] = row[d] * inverse;
+      const float lse = sum > 0.f ? row_max[r] + std::log(sum) : (sum == 0.f ? neg_inf : sum);
+      if (lse_rows)
+        lse_rows[r] = lse;
+      else if (args_.lse)
+        args_.lse[(first_query + query) * args_.layout.q_heads + q_head] = lse;
+    }
+  }
+
+ private:
+  static int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+  /// Softcap, ALiBi and masks, in the order of the contract, vertically over rows.
+  void transform_logits(float* logits, int keys, int rows_padded, bool mask, const float* row_first,
+                        const float* row_last, const float* row_slope, const float* row_bias) const {
+    const bool softcap = args_.softcap > 0.f;
+    const bool alibi = args_.alibi_slopes != nullptr;
+    if (!softcap && !alibi && !mask) return;
+    const V cap = Isa::broadcast(args_.softcap);
+    const V inverse_cap = Isa::broadcast(softcap ? 1.f / args_.softcap : 0.f);
+    const V minus_inf = Isa::broadcast(neg_inf);
+    for (int rv = 0; rv < rows_padded; rv += width) {
+      const V first = Isa::load(row_first + rv), last = Isa::load(row_last + rv);
+      const V slope = Isa::load(row_slope + rv), bias = Isa::load(row_bias + rv);
+      for (int j = 0; j < keys; ++j) {
+        float* p = logits + std::ptrdiff_t(j) * rows_padded + rv;
+        V s = Isa::load(p);
+        const V key = Isa::broadcast(float(j));
+        if (softcap) s = Isa::mul(cap, simd::tanh<Isa>(Isa::mul(s, inverse_cap)));
+        if (alibi) s = Isa::fma(slope, Isa::add(bias, key), s);
+        if (mask) {
+          s = Isa::select_less(key, first, minus_inf, s);
+          s = Isa::select_less(last, key, minus_inf, s);
+        }
+        Isa::store(p, s);
+      }
+    }
+  }
+
+  /// Online softmax over the block: new running max, rescale factor for old sums and
+  /// accumulators (row_scale), and probabilities written over the logits.
+  static void update_softmax(float* logits, int keys, int rows_padded, float* row_max, float* row_sum,
+                             float* row_scale) {
+    const V lowest = Isa::broadcast(-std::numeric_limits<float>::max());
+    for (int rv = 0; rv < rows_padded; rv += width) {
+      const V old_max = Isa::load(row_max + rv);
+      V block_max = Isa::broadcast(neg_inf);
+      for (int j = 0; j < keys; ++j) block_max = Isa::max(block_max, Isa::load(logits + std::ptrdiff_t(j) * rows_padded + rv));
+      const V new_max = Isa::max(old_max, block_max);
+      // While a row has seen only masked keys its max is -inf; subtract 0 instead so
+      // exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
+      const V shift = Isa::select_less(new_max, lowest, Isa::zero(), new_max);
+      const V factor = simd::exp<Isa>(Isa::sub(old_max, shift));
+      V sum = Isa::zero();
+      for (int j = 0; j < keys; ++j) {
+        float* p = logits + std::ptrdiff_t(j) * rows_padded + rv;
+        const V weight = simd::exp<Isa>(Isa::sub(Isa::load(p), shift));
+        Isa::store(p, weight);
+        sum = Isa::add(sum, weight);
+      }
+      Isa::store(row_sum + rv, Isa::fma(Isa::load(row_sum + rv), factor, sum));
+      Isa::store(row_max + rv, new_max);
+      Isa::store(row_scale + rv, factor);
+    }
+  }
+
+  const AttendArgs<KvT>& args_;
+  Size<HeadDimStatic> head_dim_;
+  Size<GroupStatic> group_;
+  int query_tile_;
+  int dim_padded_;
+};
+
+// ---------------------------------------------------------------------------------------
+// The driver: cut the call into tasks, run them on the pool, merge key splits.
+
+template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
+void run_fused(const AttendArgs<KvT>& args) {
+  const HeadLayout& layout = args.layout;
+  const int group = layout.group_size();
+  const int head_dim = layout.head_dim;
+  if (args.q_len == 0) return;
+
+  const int query_tile = int(std::clamp<std::ptrdiff_t>(Tiling<Isa>::target_rows / group, 1, args.q_len));
+  const std::ptrdiff_t query_tiles = (args.q_len + query_tile - 1) / query_tile;
+  const std::ptrdiff_t base_tasks = std::ptrdiff_t(layout.kv_heads) * query_tiles;
+
+  ThreadPool& pool = args.pool ? *args.pool : ThreadPool::global();
+  const int workers = workers_for(pool, std::max<std::ptrdiff_t>(base_tasks, 1 << 20), args.threads);
+  // Too few (head, tile) tasks to fill every worker (decode, MQA): split the keys too,
+  // each split at least min_split_keys long so the merge stays cheap.
+  constexpr std::ptrdiff_t min_split_keys = 512;
+  int splits = 1;
+  if (base_tasks < 2 * workers) {
+    const std::ptrdiff_t wanted = (2 * workers + base_tasks - 1) / base_tasks;
+    splits = int(std::max<std::ptrdiff_t>(1, std::min(wanted, args.kv_len / min_split_keys)));
+  }
+  const std::ptrdiff_t keys_per_split = (args.kv_len + splits - 1) / splits;
+
+  const FusedTask<Isa, HeadDimStatic, GroupStatic, KvT> task(args, query_tile);
+  const std::size_t scratch_floats = task.scratch_floats();
+  const std::ptrdiff_t rows_per_tile = std::ptrdiff_t(group) * query_tile;
+  // Split results: [task][split][rows][head_dim] and [task][split][rows].
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
+  if (splits > 1) {
+    const std::size_t partial_rows = std::size_t(base_tasks) * splits * rows_per_tile;
+    partial_out = thread_scratch(partial_rows * (std::size_t(head_dim) + 1), 1);
+    partial_lse = partial_out + partial_rows * std::size_t(head_dim);
+  }
+
+  auto tile_of = [&](std::ptrdiff_t base_task, int& kv_head, std::ptrdiff_t& first_query, int& queries) {
+    kv_head = int(base_task / query_tiles);
+    first_query = (base_task % query_tiles) * query_tile;
+    queries = int(std::min<std::ptrdiff_t>(query_tile, args.q_len - first_query));
+  };
+
+  parallel_for(pool, base_tasks * splits, args.threads, [&](std::ptrdiff_t index, int) {
+    const std::ptrdiff_t base_task = index / splits;
+    const int split = int(index % splits);
+    int kv_head, queries;
+    std::ptrdiff_t first_query;
+    tile_of(base_task, kv_head, first_query, queries);
+    float* scratch = thread_scratch(scratch_floats, 0);
+    const std::ptrdiff_t key_begin = split * keys_per_split;
+    const std::ptrdiff_t key_end = std::min(args.kv_len, key_begin + keys_per_split);
+    if (splits == 1) {
+      task.run(kv_head, first_query, queries, key_begin, key_end, scratch, nullptr, nullptr);
+    } else {
+      const std::ptrdiff_t slot = (base_task * splits + split) * rows_per_tile;
+      task.run(kv_head, first_query, queries, key_begin, key_end, scratch, partial_out + slot * head_dim,
+               partial_lse + slot);
+    }
+  });
+  if (splits == 1) return;
+
+  // Log-sum-exp merge of the key splits, row by row, into the output.
+  parallel_for(pool, base_tasks, args.threads, [&](std::ptrdiff_t base_task, int) {
+    int kv_head, queries;
+    std::ptrdiff_t first_query;
+    tile_of(base_task, kv_head, first_query, queries);
+    for (int r = 0; r < group * queries; ++r) {
+      const int query = r / group;
+      const int q_head = kv_head * group + r % group;
+      float* dst = args.out + (first_query + query) * args.out_token_stride + q_head * args.out_head_stride;
+      const std::ptrdiff_t first_slot = base_task * splits * rows_per_tile + r;
+      float lse = partial_lse[first_slot];
+      const float* first_row = partial_out + first_slot * head_dim;
+      for (int d = 0; d < head_dim; ++d) dst[d] = first_row[d];
+      for (int split = 1; split < splits; ++split) {
+        const std::ptrdiff_t slot = first_slot + std::ptrdiff_t(split) * rows_per_tile;
+        lse = merge_partial(dst, lse, partial_out + slot * head_dim, partial_lse[slot], dst, head_dim);
+      }
+      if (args.lse) args.lse[(first_query + query) * layout.q_heads + q_head] = lse;
+    }
+  });
+}
+
+/// Run-time head_dim and group size to the compile-time instantiations of the common
+/// shapes; anything else runs the same kernel with run-time sizes.
+template <class Isa, int HeadDimStatic, class KvT>
+void dispatch_group(const AttendArgs<KvT>& args) {
+  switch (args.layout.group_size()) {
+    case 1: return run_fused<Isa, HeadDimStatic, 1>(args);
+    case 2: return run_fused<Isa, HeadDimStatic, 2>(args);
+    case 4: return run_fused<Isa, HeadDimStatic, 4>(args);
+    case 8: return run_fused<Isa, HeadDimStatic, 8>(args);
+    case 16: return run_fused<Isa, HeadDimStatic, 16>(args);
+    default: return run_fused<Isa, HeadDimStatic, Dynamic>(args);
+  }
+}
+
+template <class Isa, class KvT>
+void dispatch_fused(const AttendArgs<KvT>& args) {
+  switch (args.layout.head_dim) {
+    case 64: return dispatch_group<Isa, 64>(args);
+    case 80: return dispatch_group<Isa, 80>(args);
+    case 96: return dispatch_group<Isa, 96>(args);
+    case 128: return dispatch_group<Isa, 128>(args);
+    case 256: return dispatch_group<Isa, 256>(args);
+    default: return dispatch_group<Isa, Dynamic>(args);
+  }
+}
+
+/// Static sizes skip the run-time switch (Attention<T, QHeads, KvHeads, HeadDim>).
+template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
+void dispatch_fused_static(const AttendArgs<KvT>& args) {
+  if constexpr (HeadDimStatic == Dynamic)
+    dispatch_fused<Isa>(args);
+  else if constexpr (GroupStatic == Dynamic)
+    dispatch_group<Isa, HeadDimStatic>(args);
+  else
+    run_fused<Isa, HeadDimStatic, GroupStatic>(args);
+}
+
+}  // namespace kvheads::detail
