@@ -1,0 +1,67 @@
+#pragma once
+// AVX2 + FMA: eight floats per vector. Same interface and semantics as scalar.hpp;
+// compiles to nothing unless the compiler targets both AVX2 and FMA.
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace kvheads::simd {
+
+/// 8 x fp32 in a __m256 (x86 AVX2 + FMA).
+struct avx2 {
+  static constexpr const char* name = "avx2";
+  static constexpr int width = 8;
+  using vec = __m256;
+
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec broadcast(float x) { return _mm256_set1_ps(x); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  /// Lanes at and past n read as 0 and are never touched in memory
+  /// (vmaskmovps does not fault on masked-off lanes).
+  static vec load_partial(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  static void store_partial(float* p, vec v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
+
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
+  /// a * b + c, fused.
+  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  // vminps/vmaxps already return the second operand when either is NaN (or both are zero).
+  static vec min(vec a, vec b) { return _mm256_min_ps(a, b); }
+  static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static vec abs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+  /// Per lane: a < b ? if_less : otherwise (false when either is NaN).
+  static vec select_less(vec a, vec b, vec if_less, vec otherwise) {
+    return _mm256_blendv_ps(otherwise, if_less, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+  }
+
+  static float reduce_sum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float reduce_max(vec v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+
+  static vec round(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  /// 2^n for integral n in [-126, 127], built directly in the exponent field.
+  static vec pow2(vec n) {
+    const __m256i biased = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+  }
+
+ private:
+  // All-ones in lanes i < n (n <= 0: none, n >= 8: all).
+  static __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+};
+
+}  // namespace kvheads::simd
+#endif

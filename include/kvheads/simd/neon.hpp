@@ -1,0 +1,64 @@
+#pragma once
+// AArch64 NEON: four floats per vector. Same interface and semantics as scalar.hpp;
+// compiles to nothing unless the compiler targets NEON on AArch64 (vdivq_f32,
+// vrndnq_f32 and the across-lane reductions are AArch64-only).
+#if defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+
+#include <cstring>
+
+namespace kvheads::simd {
+
+/// 4 x fp32 in a float32x4_t (AArch64 Advanced SIMD).
+struct neon {
+  static constexpr const char* name = "neon";
+  static constexpr int width = 4;
+  using vec = float32x4_t;
+
+  static vec zero() { return vdupq_n_f32(0.f); }
+  static vec broadcast(float x) { return vdupq_n_f32(x); }
+  static vec load(const float* p) { return vld1q_f32(p); }
+  /// Lanes at and past n read as 0 and are never touched in memory
+  /// (NEON has no masked load, so the valid lanes go through a stack buffer).
+  static vec load_partial(const float* p, int n) {
+    float buffer[width] = {0.f, 0.f, 0.f, 0.f};
+    if (n > 0) std::memcpy(buffer, p, sizeof(float) * static_cast<unsigned>(n < width ? n : width));
+    return vld1q_f32(buffer);
+  }
+  static void store(float* p, vec v) { vst1q_f32(p, v); }
+  static void store_partial(float* p, vec v, int n) {
+    if (n <= 0) return;
+    float buffer[width];
+    vst1q_f32(buffer, v);
+    std::memcpy(p, buffer, sizeof(float) * static_cast<unsigned>(n < width ? n : width));
+  }
+
+  static vec add(vec a, vec b) { return vaddq_f32(a, b); }
+  static vec sub(vec a, vec b) { return vsubq_f32(a, b); }
+  static vec mul(vec a, vec b) { return vmulq_f32(a, b); }
+  static vec div(vec a, vec b) { return vdivq_f32(a, b); }
+  /// a * b + c, fused.
+  static vec fma(vec a, vec b, vec c) { return vfmaq_f32(c, a, b); }
+  // fmin/fmax would propagate NaN from either side and order -0 < +0; compare and
+  // select instead to keep x86 semantics (second operand on NaN or equality).
+  static vec min(vec a, vec b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+  static vec max(vec a, vec b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+  static vec abs(vec a) { return vabsq_f32(a); }
+  /// Per lane: a < b ? if_less : otherwise (false when either is NaN).
+  static vec select_less(vec a, vec b, vec if_less, vec otherwise) {
+    return vbslq_f32(vcltq_f32(a, b), if_less, otherwise);
+  }
+
+  static float reduce_sum(vec v) { return vaddvq_f32(v); }
+  static float reduce_max(vec v) { return vmaxvq_f32(v); }
+
+  static vec round(vec x) { return vrndnq_f32(x); }
+  /// 2^n for integral n in [-126, 127], built directly in the exponent field.
+  static vec pow2(vec n) {
+    const int32x4_t biased = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
+    return vreinterpretq_f32_s32(vshlq_n_s32(biased, 23));
+  }
+};
+
+}  // namespace kvheads::simd
+#endif
