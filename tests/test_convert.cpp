@@ -153,3 +153,72 @@ TEST_CASE("invalid pooling arguments throw with the value in the message", "[con
   REQUIRE_THROWS_WITH(kvheads::pool_kv_rows(w.data(), 16, 8, 2, 4, nullptr), Contains("out is null"));
   REQUIRE_THROWS_WITH(kvheads::pool_kv_rows(w.data(), 0, 8, 2, 4, out.data()), Contains("weight has 0 columns"));
 }
+
+TEST_CASE("to_kv_heads converts an Attention layer: Wq/Wo copied, Wk/Wv pooled", "[convert]") {
+  const int d_model = 16, q_heads = 8, head_dim = 4;
+  kvheads::MHA<8, 4> mha(d_model);
+  mha.wq() = random_matrix(d_model, q_heads * head_dim, 21);
+  mha.wk() = random_matrix(d_model, q_heads * head_dim, 22);
+  mha.wv() = random_matrix(d_model, q_heads * head_dim, 23);
+  mha.wo() = random_matrix(q_heads * head_dim, d_model, 24);
+
+  SECTION("same number of KV heads is the identity") {
+    const auto same = kvheads::to_kv_heads(mha, 8);
+    CHECK(same.layout() == mha.layout());
+    CHECK(same.wq() == mha.wq());
+    CHECK(same.wk() == mha.wk());
+    CHECK(same.wv() == mha.wv());
+    CHECK(same.wo() == mha.wo());
+  }
+  SECTION("GQA and MQA") {
+    for (int kv : {4, 2, 1}) {
+      const kvheads::Attention<float> gqa = kvheads::to_kv_heads(mha, kv);
+      CHECK(gqa.layout() == kvheads::HeadLayout{q_heads, kv, head_dim});
+      CHECK(gqa.d_model() == d_model);
+      CHECK(gqa.wq() == mha.wq());
+      CHECK(gqa.wo() == mha.wo());
+      require_close(gqa.wk(), mean_of_column_blocks(mha.wk(), q_heads, kv, head_dim));
+      require_close(gqa.wv(), mean_of_column_blocks(mha.wv(), q_heads, kv, head_dim));
+    }
+  }
+  SECTION("converting twice equals converting once") {
+    const auto twice = kvheads::to_kv_heads(kvheads::to_kv_heads(mha, 4), 2);
+    const auto once = kvheads::to_kv_heads(mha, 2);
+    require_close(twice.wk(), once.wk().cast<double>(), 1e-5);
+    require_close(twice.wv(), once.wv().cast<double>(), 1e-5);
+  }
+  SECTION("bad kv_heads throws with the value") {
+    REQUIRE_THROWS_WITH(kvheads::to_kv_heads(mha, 3), Contains("kv_heads (3) must divide the source's kv_heads (8)"));
+    REQUIRE_THROWS_WITH(kvheads::to_kv_heads(mha, 0), Contains("kv_heads (0) must be positive"));
+    REQUIRE_THROWS_WITH(kvheads::to_kv_heads(mha, 16), Contains("kv_heads (16) must divide"));
+  }
+}
+
+TEST_CASE("an MHA layer whose KV heads are equal within groups converts without changing its output",
+          "[convert]") {
+  // If the r heads of each group already share K and V weights, the mean is that weight and
+  // the GQA layer computes exactly what the MHA layer did (up to fp rounding).
+  const int d_model = 16, q_heads = 8, head_dim = 4, kv = 2, r = q_heads / kv;
+  kvheads::MHA<8, 4> mha(d_model);
+  mha.wq() = random_matrix(d_model, q_heads * head_dim, 31);
+  mha.wo() = random_matrix(q_heads * head_dim, d_model, 32);
+  const RowMatrix k_heads = random_matrix(d_model, kv * head_dim, 33);
+  const RowMatrix v_heads = random_matrix(d_model, kv * head_dim, 34);
+  for (int h = 0; h < q_heads; ++h) {
+    mha.wk().middleCols(h * head_dim, head_dim) = k_heads.middleCols((h / r) * head_dim, head_dim);
+    mha.wv().middleCols(h * head_dim, head_dim) = v_heads.middleCols((h / r) * head_dim, head_dim);
+  }
+  const auto gqa = kvheads::to_kv_heads(mha, kv);
+  CHECK(gqa.wk() == k_heads);
+  CHECK(gqa.wv() == v_heads);
+
+  const RowMatrix x = random_matrix(5, d_model, 35);
+  auto mha_cache = mha.make_cache(8);
+  auto gqa_cache = gqa.make_cache(8);
+  kvheads::AttentionOptions options;
+  options.causal = true;
+  options.threads = 1;
+  const RowMatrix want = mha.forward(x, mha_cache, options);
+  const RowMatrix got = gqa.forward(x, gqa_cache, options);
+  require_close(got, want.cast<double>(), 1e-4);
+}

@@ -11,7 +11,9 @@
 
 #include <Eigen/Core>
 
+#include "kvheads/attention.hpp"
 #include "kvheads/core/check.hpp"
+#include "kvheads/head_layout.hpp"
 
 namespace kvheads {
 
@@ -116,6 +118,24 @@ inline RowMatrix pool_kv_rows(const Eigen::Ref<const RowMatrix>& w, int from_kv_
   detail::pool_rows(w.data(), w.outerStride(), w.cols(), from_kv_heads, to_kv_heads, head_dim, out.data(),
                     out.outerStride());
   return out;
+}
+
+/// The same layer with `kv_heads` KV heads: Wq and Wo are copied, Wk and Wv are mean-pooled
+/// over contiguous groups of the source's KV heads (MHA -> GQA/MQA, or GQA -> fewer heads).
+/// The result has run-time sizes and the source's KV cache storage type T.
+/// Throws std::invalid_argument unless kv_heads divides source.layout().kv_heads.
+template <class T, int QHeads, int KvHeads, int HeadDim>
+Attention<T, Dynamic, Dynamic, Dynamic> to_kv_heads(const Attention<T, QHeads, KvHeads, HeadDim>& source,
+                                                    int kv_heads) {
+  const HeadLayout from = source.layout();
+  if (kv_heads <= 0) detail::throw_invalid("kv_heads (", kv_heads, ") must be positive");
+  if (from.kv_heads % kv_heads != 0)
+    detail::throw_invalid("kv_heads (", kv_heads, ") must divide the source's kv_heads (", from.kv_heads, ")");
+  const HeadLayout layout = make_layout(from.q_heads, kv_heads, from.head_dim);
+  Attention<T, Dynamic, Dynamic, Dynamic> result(source.d_model(), layout);
+  result.set_weights(source.wq(), pool_kv_columns(source.wk(), from.kv_heads, kv_heads, from.head_dim),
+                     pool_kv_columns(source.wv(), from.kv_heads, kv_heads, from.head_dim), source.wo());
+  return result;
 }
 
 }  // namespace kvheads
