@@ -1,0 +1,268 @@
+#pragma once
+// The one parallel layer of kvheads: a persistent pool of worker threads and
+// detail::parallel_for over it. Kernels never create threads; they split their
+// work into tasks and hand them to parallel_for, which runs in every attend() call,
+// so nothing here creates threads or allocates per call.
+//
+// Concurrency policy (documented choice): jobs on one pool are serialised. A
+// parallel_for that finds the pool busy with another thread's job waits for it,
+// then gets the whole pool, so every call sees the worker count workers_for()
+// reported. A parallel_for made from inside a task (on any pool) runs inline on
+// the calling thread as worker 0: nested calls never wait on a pool, so they
+// cannot deadlock.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kvheads/core/check.hpp"
+
+namespace kvheads {
+
+class ThreadPool;
+
+namespace detail {
+
+struct PoolAccess;
+
+// How long an idle worker (or a caller waiting for the last workers) spins
+// before sleeping: long enough to catch back-to-back calls without a futex
+// round trip, short enough not to hold a core that other work needs.
+inline constexpr int kSpinMicroseconds = 50;
+
+// True while this thread runs a task of some parallel_for; a parallel_for
+// started there runs inline.
+inline thread_local bool in_parallel_task = false;
+
+// One parallel_for call. It lives on the caller's stack. Workers join it while
+// the pool offers it and the caller closes it once its own share is done, then
+// waits only for the workers that joined: a worker that wakes late (its wake-up
+// can take longer than the whole job) neither delays the caller nor touches the
+// job after it is gone.
+struct Job {
+  void (*call)(void* fn, std::ptrdiff_t task, int worker) = nullptr;
+  void* fn = nullptr;
+  std::ptrdiff_t n_tasks = 0;
+  int workers = 1;
+  // Claimed by every worker for every task: keep it off the other fields' line.
+  alignas(64) std::atomic<std::ptrdiff_t> next{0};
+  alignas(64) std::atomic<int> pending{0};  // workers joined and not yet finished
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;  // written once, by whoever sets `failed` first
+
+  // Claims and runs tasks until none are left or a task has thrown.
+  void work(int worker) {
+    const bool outer = in_parallel_task;
+    in_parallel_task = true;
+    while (!failed.load(std::memory_order_relaxed)) {
+      const std::ptrdiff_t task = next.fetch_add(1, std::memory_order_relaxed);
+      if (task >= n_tasks) break;
+      try {
+        call(fn, task, worker);
+      } catch (...) {
+        if (!failed.exchange(true, std::memory_order_relaxed)) error = std::current_exception();
+      }
+    }
+    in_parallel_task = outer;
+  }
+};
+
+// Spins (yielding the core each round) until pred() holds or the spin budget
+// is spent; returns whether pred() held.
+template <class Pred>
+bool spin_until(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicroseconds);
+  for (unsigned round = 1;; ++round) {
+    if (pred()) return true;
+    if (round % 32 == 0 && std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::yield();
+  }
+}
+
+template <class F>
+void call_erased(void* fn, std::ptrdiff_t task, int worker) {
+  (*static_cast<F*>(fn))(task, worker);
+}
+
+}  // namespace detail
+
+/// A persistent pool of worker threads; attend() uses a process-wide default one, or one the user passes.
+class ThreadPool {
+ public:
+  /// threads: total workers including the calling thread; 0 = hardware concurrency (at least 1).
+  explicit ThreadPool(int threads = 0) {
+    if (threads < 0)
+      detail::throw_invalid("ThreadPool threads (", threads, ") must be >= 0 (0 = hardware concurrency)");
+    size_ = threads > 0 ? threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    if (size_ == 1) return;
+    wake_ = std::make_unique<std::condition_variable[]>(static_cast<std::size_t>(size_));
+    threads_.reserve(static_cast<std::size_t>(size_ - 1));
+    try {
+      for (int id = 1; id < size_; ++id) threads_.emplace_back([this, id] { worker_main(id); });
+    } catch (...) {
+      stop_workers();
+      throw;
+    }
+  }
+
+  /// Joins the workers. No parallel_for may be running on this pool.
+  ~ThreadPool() { stop_workers(); }
+
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  /// Most workers a parallel_for on this pool uses, including the caller.
+  int size() const { return size_; }
+
+  /// The process-wide pool (hardware-concurrency workers), created on first use and
+  /// never destroyed, so it outlives every static object that might still use it.
+  static ThreadPool& global() {
+    static ThreadPool* const pool = new ThreadPool(0);
+    return *pool;
+  }
+
+ private:
+  friend struct detail::PoolAccess;
+
+  // Runs `job` on workers 0 (the caller) .. job.workers - 1, then rethrows the
+  // first exception a task threw.
+  void run(detail::Job& job) {
+    {
+      std::lock_guard<std::mutex> serial(serial_);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job_ = &job;
+        job_workers_ = job.workers;
+        generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      }
+      for (int id = 1; id < job.workers; ++id) wake_[static_cast<std::size_t>(id)].notify_one();
+      job.work(0);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job_ = nullptr;  // closed: no worker joins from here on
+      }
+      const auto all_done = [&job] { return job.pending.load(std::memory_order_acquire) == 0; };
+      if (!detail::spin_until(all_done)) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, all_done);
+      }
+    }
+    if (job.error) std::rethrow_exception(job.error);
+  }
+
+  void worker_main(int id) {
+    std::uint64_t seen = 0;
+    for (;;) {
+      detail::spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      detail::Job* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        // Join only an open job that wants worker `id`; sleep through the rest.
+        wake_[static_cast<std::size_t>(id)].wait(lock, [&] {
+          return stop_ || (job_ != nullptr && generation_.load(std::memory_order_relaxed) != seen &&
+                           id < job_workers_);
+        });
+        if (stop_) return;
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+        job->pending.fetch_add(1, std::memory_order_relaxed);  // under mutex_, so before any close
+      }
+      job->work(id);
+      // After this decrement the caller may return and free `job`: touch only the pool.
+      // Reaching 0 before the job is closed only makes a spurious notification.
+      if (job->pending.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        { std::lock_guard<std::mutex> lock(mutex_); }  // the caller is either not waiting yet or asleep
+        done_.notify_one();
+      }
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    for (std::size_t id = 1; id <= threads_.size(); ++id) wake_[id].notify_one();
+    for (std::thread& thread : threads_) thread.join();
+    threads_.clear();
+  }
+
+  int size_ = 1;
+  std::vector<std::thread> threads_;                 // workers 1 .. size_ - 1
+  std::unique_ptr<std::condition_variable[]> wake_;  // wake_[id] wakes worker id
+  std::mutex serial_;                                // one job at a time
+  std::mutex mutex_;                                 // guards the fields below and the waits
+  std::condition_variable done_;                     // the last worker of a job -> its caller
+  std::atomic<std::uint64_t> generation_{0};         // bumped per job (written under mutex_)
+  detail::Job* job_ = nullptr;                       // the open job, if any
+  int job_workers_ = 0;
+  bool stop_ = false;
+};
+
+namespace detail {
+
+struct PoolAccess {
+  static void run(ThreadPool& pool, Job& job) { pool.run(job); }
+};
+
+// The one-worker case: every task in order on the calling thread, as worker 0.
+template <class Fn>
+void run_inline(std::ptrdiff_t n_tasks, Fn& fn) {
+  for (std::ptrdiff_t task = 0; task < n_tasks; ++task) fn(task, 0);
+}
+
+/// Number of workers parallel_for(pool, n_tasks, threads, fn) would use: at least 1,
+/// at most min(pool size, threads (<= 0 = pool size), n_tasks); 1 inside a parallel_for task.
+inline int workers_for(const ThreadPool& pool, std::ptrdiff_t n_tasks, int threads) {
+  if (in_parallel_task || n_tasks <= 1) return 1;
+  const int limit = threads > 0 ? std::min(threads, pool.size()) : pool.size();
+  return static_cast<int>(std::min<std::ptrdiff_t>(limit, n_tasks));
+}
+
+/// Runs fn(task, worker) for every task in [0, n_tasks) on at most `threads` workers
+/// (<= 0 = pool size). `worker` is in [0, workers_for(pool, n_tasks, threads)) and no two
+/// concurrently running calls share it, so it can index per-worker scratch. Tasks are
+/// claimed one at a time from a shared counter, so uneven tasks balance. The caller is
+/// worker 0 and returns when every task has finished; if a task throws, the remaining
+/// tasks may be skipped and the first exception is rethrown here once all workers stopped.
+/// One worker (threads == 1, n_tasks == 1, a pool of 1, or a call from inside a task)
+/// runs inline with no synchronisation. fn is called concurrently from several threads.
+template <class Fn>
+void parallel_for(ThreadPool& pool, std::ptrdiff_t n_tasks, int threads, Fn&& fn) {
+  if (n_tasks <= 0) return;
+  const int workers = workers_for(pool, n_tasks, threads);
+  if (workers == 1) {
+    run_inline(n_tasks, fn);
+    return;
+  }
+  using F = std::remove_reference_t<Fn>;
+  Job job;
+  job.call = &call_erased<F>;
+  job.fn = const_cast<void*>(static_cast<const void*>(std::addressof(fn)));
+  job.n_tasks = n_tasks;
+  job.workers = workers;
+  PoolAccess::run(pool, job);
+}
+
+/// parallel_for on ThreadPool::global().
+template <class Fn>
+void parallel_for(std::ptrdiff_t n_tasks, int threads, Fn&& fn) {
+  // Work that runs inline never needs the pool, so it does not create it either.
+  if (n_tasks <= 1 || threads == 1 || in_parallel_task) {
+    run_inline(n_tasks, fn);
+    return;
+  }
+  parallel_for(ThreadPool::global(), n_tasks, threads, std::forward<Fn>(fn));
+}
+
+}  // namespace detail
+}  // namespace kvheads
