@@ -2,6 +2,7 @@
 // The plain reference: one query row and one head at a time, double accumulation, every
 // logit materialised. Obviously correct and slow; tests and users check the fast paths
 // against it.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -30,7 +31,12 @@ void reference_attend(HeadsView<const float> q, HeadsView<KvT> k, HeadsView<KvT>
   std::vector<double> acc(static_cast<std::size_t>(head_dim));
   for (std::ptrdiff_t i = 0; i < q_len; ++i) {
     const std::ptrdiff_t position = first_query_pos + i;
-    const detail::KeyRange range = detail::visible_keys(position, kv_len, options.causal, options.window);
+    // The masks straight from the contract (not shared with the kernel's range helper):
+    // causal sees j <= position; a window W sees position - W < j <= position.
+    std::ptrdiff_t first = 0, last = kv_len - 1;
+    if (options.causal || options.window > 0) last = std::min(last, position);
+    if (options.window > 0) first = std::max<std::ptrdiff_t>(first, position - options.window + 1);
+    const struct { std::ptrdiff_t first, last; } range{first, last};
     for (int h = 0; h < layout.q_heads; ++h) {
       const int kv_head = layout.kv_head_of(h);
       const float* q_row = q.row(i, h);

@@ -1,0 +1,115 @@
+// attend() on plain memory against the double-precision reference: MHA, GQA and MQA,
+// head_dim and lengths that hit every tail, every option alone and combined, every ISA
+// the machine runs, 1 and 2 threads.
+#include <catch2/catch.hpp>
+
+#include "test_support.hpp"
+
+using kvheads::AttentionOptions;
+using kvheads::HeadLayout;
+using namespace kvheads_test;
+
+namespace {
+
+const std::vector<HeadLayout> layouts_for(int head_dim) {
+  return {
+      {4, 4, head_dim},   // MHA
+      {8, 4, head_dim},   // GQA, group 2
+      {8, 2, head_dim},   // GQA, group 4
+      {16, 2, head_dim},  // GQA, group 8
+      {12, 4, head_dim},  // GQA, group 3 (run-time group size)
+      {32, 2, head_dim},  // GQA, group 16
+      {8, 1, head_dim},   // MQA, group 8
+      {5, 1, head_dim},   // MQA, group 5 (run-time group size)
+  };
+}
+
+template <class Isa>
+void check_against_reference(const Problem& p, AttentionOptions options) {
+  INFO(describe(p.layout, p.q_len, p.kv_len, options) << " isa " << Isa::name);
+  std::vector<float> expected_lse;
+  const std::vector<float> expected = p.reference(options, &expected_lse);
+  std::vector<float> out(p.out_size(), -123.f), lse(expected_lse.size(), -123.f);
+  kvheads::attend<Isa>(p.q.data(), p.k.data(), p.v.data(), out.data(), p.q_len, p.kv_len, p.layout, options,
+                       lse.data());
+  CHECK(relative_error(out, expected) <= tolerance);
+  CHECK(relative_error(lse, expected_lse, 1.0) <= tolerance);
+}
+
+}  // namespace
+
+TEST_CASE("attend matches the reference for MHA, GQA and MQA over head_dim and lengths", "[attend]") {
+  const std::vector<std::pair<int, int>> lengths = {{1, 1},  {1, 2},    {2, 2},     {1, 17},   {2, 17},
+                                                    {17, 17}, {17, 1000}, {1, 4097}, {2, 4097}};
+  AttentionOptions combined = option_sets().back();
+  for (int head_dim : {1, 3, 64, 80, 128, 256})
+    for (const HeadLayout& layout : layouts_for(head_dim))
+      for (auto [q_len, kv_len] : lengths) {
+        if (head_dim >= 128 && kv_len > 1000 && layout.q_heads > 8) continue;  // keep the reference affordable
+        const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim * 131 + q_len * 7 + kv_len));
+        check_against_reference<kvheads::simd::default_isa>(p, AttentionOptions{});
+        check_against_reference<kvheads::simd::default_isa>(p, combined);
+      }
+}
+
+TEST_CASE("attend matches the reference for every option alone and combined", "[attend][options]") {
+  const std::vector<std::pair<int, int>> lengths = {{1, 1}, {1, 17}, {17, 17}, {17, 1000}, {2, 4097}};
+  for (int head_dim : {3, 64})
+    for (const HeadLayout& layout : {HeadLayout{4, 4, head_dim}, HeadLayout{8, 2, head_dim}, HeadLayout{8, 1, head_dim}})
+      for (auto [q_len, kv_len] : lengths)
+        for (const AttentionOptions& options : option_sets()) {
+          const Problem p(layout, q_len, kv_len, std::uint32_t(q_len * 31 + kv_len));
+          check_against_reference<kvheads::simd::default_isa>(p, options);
+        }
+}
+
+TEST_CASE("the stable attend() signature gives the reference's result", "[attend]") {
+  const Problem p({8, 2, 64}, 5, 300);
+  AttentionOptions options;
+  options.causal = true;
+  std::vector<float> out(p.out_size());
+  kvheads::attend(p.q.data(), p.k.data(), p.v.data(), out.data(), p.q_len, p.kv_len, p.layout, options);
+  CHECK(relative_error(out, p.reference(options)) <= tolerance);
+}
+
+TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile and vector width",
+                        "[attend][isa]", kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) {
+    WARN("this CPU cannot run " << Isa::name << "; skipped");
+    return;
+  }
+  // head_dim below, at and above the vector widths (1, 4, 8, 16); query rows
+  // (group_size x q_len) below, at and above the row tiles; key counts around the 64-key block.
+  const std::vector<std::pair<int, int>> lengths = {{1, 1}, {1, 2}, {2, 17}, {5, 63}, {17, 64}, {1, 65}, {65, 129}, {3, 1000}};
+  for (int threads : {1, 2})
+    for (int head_dim : {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 80})
+      for (const HeadLayout& layout : {HeadLayout{3, 3, head_dim}, HeadLayout{8, 4, head_dim}, HeadLayout{12, 4, head_dim},
+                                       HeadLayout{16, 2, head_dim}, HeadLayout{32, 2, head_dim}, HeadLayout{16, 1, head_dim},
+                                       HeadLayout{6, 1, head_dim}})
+        for (auto [q_len, kv_len] : lengths) {
+          if (head_dim > 17 && head_dim != 64 && kv_len > 200) continue;
+          const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim + q_len * 13 + kv_len * 3 + layout.q_heads));
+          AttentionOptions plain;
+          plain.threads = threads;
+          AttentionOptions combined = option_sets().back();
+          combined.threads = threads;
+          check_against_reference<Isa>(p, plain);
+          check_against_reference<Isa>(p, combined);
+        }
+}
+
+TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges exactly", "[attend][isa][threads]",
+                        kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  // One KV head and one query: only key splits can use a second thread.
+  for (int threads : {1, 2, 3, 8})
+    for (const HeadLayout& layout : {HeadLayout{8, 1, 64}, HeadLayout{4, 4, 17}, HeadLayout{32, 1, 128}}) {
+      const Problem p(layout, 1, 5000, 99);
+      for (AttentionOptions options : option_sets()) {
+        options.threads = threads;
+        check_against_reference<Isa>(p, options);
+      }
+    }
+}
