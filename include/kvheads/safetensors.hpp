@@ -1,0 +1,770 @@
+#pragma once
+// Reading and writing the safetensors format, and converting a whole Llama-style checkpoint
+// to fewer KV heads (mean-pooling, see convert.hpp).
+//
+// File layout: 8-byte little-endian u64 header length N, N bytes of JSON
+//   {"name": {"dtype": "F32"|"F16"|"BF16", "shape": [...], "data_offsets": [begin, end]}, ...,
+//    "__metadata__": {"key": "value", ...}}            (metadata optional)
+// then the data buffer; offsets are relative to its start. Tensors must tile the buffer
+// exactly (no overlaps, no holes), as the format specification requires.
+//
+// Reading validates everything before touching the data, and every malformed input is a
+// std::invalid_argument naming the tensor or the field; I/O failures are std::runtime_error.
+// This header needs nlohmann/json (https://github.com/nlohmann/json) in addition to Eigen.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "kvheads/convert.hpp"
+#include "kvheads/core/check.hpp"
+#include "kvheads/storage_types.hpp"
+
+namespace kvheads {
+
+/// One tensor of a safetensors file, owning its raw little-endian bytes.
+struct SafetensorsTensor {
+  std::string name;
+  std::string dtype;                 // "F32", "F16" or "BF16"
+  std::vector<std::int64_t> shape;   // empty = scalar
+  std::vector<unsigned char> bytes;  // numel() * element size bytes
+
+  /// Number of elements: the product of shape (1 for a scalar).
+  std::int64_t numel() const;
+  /// The values as fp32 (F16/BF16 widened exactly); [numel()].
+  std::vector<float> to_f32() const;
+  /// A tensor of the given dtype holding data [numel(shape)] rounded to nearest even.
+  static SafetensorsTensor from_f32(std::string name, std::vector<std::int64_t> shape, const float* data,
+                                    const std::string& dtype = "F32");
+};
+
+/// The largest header a reader accepts (the reference implementation's limit too).
+inline constexpr std::uint64_t kSafetensorsMaxHeader = 100'000'000;
+
+/// An in-memory safetensors file: tensors by name plus string metadata. Used both to read
+/// (parse/load) and to write (add/serialize/save); tensors are kept and written in name order,
+/// so equal contents give byte-identical files.
+class Safetensors {
+ public:
+  /// Parses a whole file image [size] bytes. Throws std::invalid_argument on malformed input.
+  static Safetensors parse(const void* data, std::size_t size);
+  static Safetensors parse(const std::vector<unsigned char>& file) { return parse(file.data(), file.size()); }
+  /// Reads and parses a file. Throws std::runtime_error if it cannot be read.
+  static Safetensors load(const std::string& path);
+
+  /// Tensor names, sorted.
+  std::vector<std::string> names() const;
+  std::size_t size() const { return tensors_.size(); }
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  /// The tensor called `name`; throws std::invalid_argument naming it if absent.
+  const SafetensorsTensor& tensor(const std::string& name) const;
+  /// The tensor's values converted to fp32.
+  std::vector<float> read_f32(const std::string& name) const { return tensor(name).to_f32(); }
+
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  std::map<std::string, std::string>& metadata() { return metadata_; }
+
+  /// Adds a tensor after checking its name, dtype, shape and byte count; throws on a duplicate.
+  void add(SafetensorsTensor tensor);
+  /// Adds data [numel(shape)] stored as dtype (F32, F16 or BF16; rounded to nearest even).
+  void add_f32(const std::string& name, std::vector<std::int64_t> shape, const float* data,
+               const std::string& dtype = "F32") {
+    add(SafetensorsTensor::from_f32(name, std::move(shape), data, dtype));
+  }
+
+  /// The file image: sorted header keys, data in name order, header padded with spaces so the
+  /// data buffer starts 8-byte aligned.
+  std::vector<unsigned char> serialize() const;
+  /// Writes serialize() to path. Throws std::runtime_error if it cannot be written.
+  void save(const std::string& path) const;
+
+ private:
+  std::map<std::string, SafetensorsTensor> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+namespace detail {
+
+// Bytes per element of a dtype, 0 for an unknown one.
+inline std::size_t safetensors_dtype_size(const std::string& dtype) {
+  if (dtype == "F32") return 4;
+  if (dtype == "F16" || dtype == "BF16") return 2;
+  return 0;
+}
+
+// A name or JSON fragment for an error message: quoted and cut short, so a hostile file
+// cannot make messages huge.
+inline std::string quote_text(const std::string& text, std::size_t limit = 120) {
+  if (text.size() <= limit) return "'" + text + "'";
+  return "'" + text.substr(0, limit) + "...'";
+}
+template <class Json>
+std::string json_excerpt(const Json& value) {
+  std::string text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
+  if (text.size() > 60) text = text.substr(0, 60) + "...";
+  return text;
+}
+
+// Element count of a shape; nullopt-like false on overflow past int64 (a zero dimension
+// makes the count 0 whatever the others are).
+inline bool checked_numel(const std::vector<std::int64_t>& shape, std::int64_t& count) {
+  count = 1;
+  for (std::int64_t d : shape)
+    if (d == 0) {
+      count = 0;
+      return true;
+    }
+  for (std::int64_t d : shape) {
+    if (d < 0 || count > std::numeric_limits<std::int64_t>::max() / d) return false;
+    count *= d;
+  }
+  return true;
+}
+
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+// Checks a tensor's dtype and shape and returns its byte size (context names it in errors).
+inline std::size_t checked_tensor_bytes(const std::string& context, const std::string& dtype,
+                                        const std::vector<std::int64_t>& shape) {
+  const std::size_t element = safetensors_dtype_size(dtype);
+  if (element == 0) throw_invalid(context, ": unknown dtype ", quote_text(dtype), " (expected F32, F16 or BF16)");
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] < 0) throw_invalid(context, ": shape[", i, "] (", shape[i], ") must be >= 0");
+  std::int64_t count = 0;
+  if (!checked_numel(shape, count) || count > std::numeric_limits<std::int64_t>::max() / std::int64_t(element) ||
+      std::uint64_t(count) * element > std::numeric_limits<std::size_t>::max())
+    throw_invalid(context, ": shape ", shape_string(shape), " has too many elements (element count overflows)");
+  return std::size_t(count) * element;
+}
+
+inline std::uint64_t read_u64_le(const unsigned char* p) {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// Parses the header JSON, rejecting duplicate keys at any level (nlohmann would silently keep
+// the last one) and nesting deeper than any valid header could need.
+inline nlohmann::json parse_header_json(const char* begin, const char* end) {
+  std::vector<std::set<std::string>> open_objects;  // keys seen in each open object
+  constexpr int kMaxDepth = 16;
+  auto callback = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using Event = nlohmann::json::parse_event_t;
+    if (depth > kMaxDepth) throw_invalid("safetensors header nests deeper than ", kMaxDepth, " levels");
+    if (event == Event::object_start) {
+      open_objects.emplace_back();
+    } else if (event == Event::object_end) {
+      if (!open_objects.empty()) open_objects.pop_back();
+    } else if (event == Event::key && !open_objects.empty()) {
+      // A key event always belongs to the innermost open object.
+      if (!open_objects.back().insert(parsed.get_ref<const std::string&>()).second) {
+        const std::string& key = parsed.get_ref<const std::string&>();
+        if (open_objects.size() == 1) throw_invalid("safetensors header: duplicate tensor name ", quote_text(key));
+        throw_invalid("safetensors header: duplicate key ", quote_text(key), " in an object");
+      }
+    }
+    return true;
+  };
+  try {
+    return nlohmann::json::parse(begin, end, callback);
+  } catch (const nlohmann::json::exception& error) {
+    throw_invalid("safetensors header is not valid JSON: ", error.what());
+  }
+}
+
+// An unsigned integer field that fits in int64; context names it in the error.
+inline std::int64_t json_size(const nlohmann::json& value, const std::string& context) {
+  if (value.is_number_unsigned()) {
+    const auto v = value.get<std::uint64_t>();
+    if (v <= std::uint64_t(std::numeric_limits<std::int64_t>::max())) return std::int64_t(v);
+    throw_invalid(context, " (", v, ") is too large");
+  }
+  if (value.is_number_integer()) throw_invalid(context, " (", value.get<std::int64_t>(), ") must be >= 0");
+  throw_invalid(context, " (", json_excerpt(value), ") must be a non-negative integer");
+}
+
+inline void write_u64_le(std::uint64_t v, unsigned char* p) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+
+}  // namespace detail
+
+inline std::int64_t SafetensorsTensor::numel() const {
+  std::int64_t count = 0;
+  if (!detail::checked_numel(shape, count))
+    detail::throw_invalid("tensor ", detail::quote_text(name), ": shape ", detail::shape_string(shape),
+                          " has too many elements");
+  return count;
+}
+
+inline std::vector<float> SafetensorsTensor::to_f32() const {
+  const std::size_t need = detail::checked_tensor_bytes("tensor " + detail::quote_text(name), dtype, shape);
+  if (bytes.size() != need)
+    detail::throw_invalid("tensor ", detail::quote_text(name), " holds ", bytes.size(), " bytes but shape ",
+                          detail::shape_string(shape), " of ", dtype, " needs ", need);
+  const std::size_t element = detail::safetensors_dtype_size(dtype);
+  const std::size_t n = need / element;
+  std::vector<float> out(n);
+  const unsigned char* p = bytes.data();
+  // Assembled byte by byte: the file is little-endian whatever the host is.
+  if (dtype == "F32") {
+    for (std::size_t i = 0; i < n; ++i, p += 4)
+      out[i] = detail::bits_float(std::uint32_t(p[0]) | std::uint32_t(p[1]) << 8 | std::uint32_t(p[2]) << 16 |
+                                  std::uint32_t(p[3]) << 24);
+  } else if (dtype == "F16") {
+    for (std::size_t i = 0; i < n; ++i, p += 2) out[i] = fp16{std::uint16_t(p[0] | p[1] << 8)}.to_float();
+  } else {
+    for (std::size_t i = 0; i < n; ++i, p += 2) out[i] = bf16{std::uint16_t(p[0] | p[1] << 8)}.to_float();
+  }
+  return out;
+}
+
+inline SafetensorsTensor SafetensorsTensor::from_f32(std::string name, std::vector<std::int64_t> shape,
+                                                     const float* data, const std::string& dtype) {
+  const std::size_t need = detail::checked_tensor_bytes("tensor " + detail::quote_text(name), dtype, shape);
+  const std::size_t element = detail::safetensors_dtype_size(dtype);
+  const std::size_t n = need / element;
+  detail::require_pointer(data, static_cast<long long>(n), "data");
+  SafetensorsTensor t{std::move(name), dtype, std::move(shape), std::vector<unsigned char>(need)};
+  unsigned char* p = t.bytes.data();
+  for (std::size_t i = 0; i < n; ++i) {
+    if (dtype == "F32") {
+      const std::uint32_t bits = detail::float_bits(data[i]);
+      for (int b = 0; b < 4; ++b) *p++ = static_cast<unsigned char>(bits >> (8 * b));
+    } else {
+      const std::uint16_t bits = dtype == "F16" ? fp16::from_float(data[i]).bits : bf16::from_float(data[i]).bits;
+      *p++ = static_cast<unsigned char>(bits & 0xFF);
+      *p++ = static_cast<unsigned char>(bits >> 8);
+    }
+  }
+  return t;
+}
+
+inline Safetensors Safetensors::parse(const void* data, std::size_t size) {
+  using detail::quote_text;
+  using detail::throw_invalid;
+  if (data == nullptr && size != 0) throw_invalid("safetensors: data is null but its size is ", size);
+  if (size < 8) throw_invalid("safetensors file is ", size, " bytes, shorter than the 8-byte header length");
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const std::uint64_t header_length = detail::read_u64_le(bytes);
+  if (header_length > kSafetensorsMaxHeader)
+    throw_invalid("safetensors header length (", header_length, ") exceeds the limit of ", kSafetensorsMaxHeader,
+                  " bytes");
+  if (header_length > size - 8)
+    throw_invalid("safetensors header length (", header_length, ") exceeds the ", size - 8,
+                  " bytes that follow it in the file");
+  const char* header = reinterpret_cast<const char*>(bytes + 8);
+  const nlohmann::json root = detail::parse_header_json(header, header + header_length);
+  if (!root.is_object())
+    throw_invalid("safetensors header must be a JSON object, got ", root.type_name(), " ", detail::json_excerpt(root));
+
+  const unsigned char* buffer = bytes + 8 + header_length;
+  const std::uint64_t buffer_size = size - 8 - header_length;
+
+  Safetensors file;
+  struct Span {
+    std::uint64_t begin, end;
+    const std::string* name;
+  };
+  std::vector<Span> spans;
+  std::vector<SafetensorsTensor> parsed;
+  for (const auto& item : root.items()) {
+    const std::string& name = item.key();
+    const nlohmann::json& entry = item.value();
+    if (name == "__metadata__") {
+      if (!entry.is_object())
+        throw_invalid("safetensors __metadata__ must be an object of strings, got ", entry.type_name());
+      for (const auto& meta : entry.items()) {
+        if (!meta.value().is_string())
+          throw_invalid("safetensors __metadata__ value of ", quote_text(meta.key()), " must be a string, got ",
+                        meta.value().type_name());
+        file.metadata_[meta.key()] = meta.value().get<std::string>();
+      }
+      continue;
+    }
+    const std::string context = "safetensors tensor " + quote_text(name);
+    if (!entry.is_object()) throw_invalid(context, ": entry must be an object, got ", entry.type_name());
+
+    const auto dtype_it = entry.find("dtype");
+    if (dtype_it == entry.end()) throw_invalid(context, ": missing \"dtype\"");
+    if (!dtype_it->is_string()) throw_invalid(context, ": dtype must be a string, got ", detail::json_excerpt(*dtype_it));
+    SafetensorsTensor tensor;
+    tensor.name = name;
+    tensor.dtype = dtype_it->get<std::string>();
+    if (detail::safetensors_dtype_size(tensor.dtype) == 0)
+      throw_invalid(context, ": unknown dtype ", quote_text(tensor.dtype), " (expected F32, F16 or BF16)");
+
+    const auto shape_it = entry.find("shape");
+    if (shape_it == entry.end()) throw_invalid(context, ": missing \"shape\"");
+    if (!shape_it->is_array()) throw_invalid(context, ": shape must be an array, got ", detail::json_excerpt(*shape_it));
+    for (std::size_t i = 0; i < shape_it->size(); ++i)
+      tensor.shape.push_back(detail::json_size((*shape_it)[i], context + ": shape[" + std::to_string(i) + "]"));
+    const std::size_t need = detail::checked_tensor_bytes(context, tensor.dtype, tensor.shape);
+
+    const auto offsets_it = entry.find("data_offsets");
+    if (offsets_it == entry.end()) throw_invalid(context, ": missing \"data_offsets\"");
+    if (!offsets_it->is_array() || offsets_it->size() != 2)
+      throw_invalid(context, ": data_offsets must be [begin, end], got ", detail::json_excerpt(*offsets_it));
+    const auto begin = std::uint64_t(detail::json_size((*offsets_it)[0], context + ": data_offsets begin"));
+    const auto end = std::uint64_t(detail::json_size((*offsets_it)[1], context + ": data_offsets end"));
+    if (begin > end)
+      throw_invalid(context, ": data_offsets begin (", begin, ") must not exceed end (", end, ")");
+    if (end > buffer_size)
+      throw_invalid(context, ": data_offsets end (", end, ") is beyond the ", buffer_size, "-byte data buffer");
+    if (end - begin != need)
+      throw_invalid(context, ": data_offsets [", begin, ", ", end, "] hold ", end - begin, " bytes but shape ",
+                    detail::shape_string(tensor.shape), " of ", tensor.dtype, " needs ", need);
+    tensor.bytes.assign(buffer + begin, buffer + end);
+    parsed.push_back(std::move(tensor));
+    spans.push_back(Span{begin, end, nullptr});
+  }
+  for (std::size_t i = 0; i < parsed.size(); ++i) spans[i].name = &parsed[i].name;
+
+  // The tensors must tile the buffer: sorted by offsets, each starts where the previous ended.
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  std::uint64_t covered = 0;
+  const std::string* previous = nullptr;
+  for (const Span& s : spans) {
+    if (s.begin < covered)
+      throw_invalid("safetensors tensors ", quote_text(*previous), " and ", quote_text(*s.name), " overlap (the second starts at",
+                    " byte ", s.begin, ", before the first ends at ", covered, ")");
+    if (s.begin > covered)
+      throw_invalid("safetensors data buffer bytes [", covered, ", ", s.begin, ") belong to no tensor (before ",
+                    quote_text(*s.name), ")");
+    covered = s.end;
+    previous = s.name;
+  }
+  if (covered != buffer_size)
+    throw_invalid("safetensors data buffer bytes [", covered, ", ", buffer_size, ") belong to no tensor",
+                  " (trailing data)");
+
+  for (SafetensorsTensor& t : parsed) {
+    std::string key = t.name;
+    file.tensors_.emplace(std::move(key), std::move(t));
+  }
+  return file;
+}
+
+inline Safetensors Safetensors::load(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(detail::concat("cannot open ", detail::quote_text(path, 1000), " for reading"));
+  std::vector<unsigned char> file;
+  in.seekg(0, std::ios::end);
+  const std::streamoff length = in.tellg();
+  in.seekg(0, std::ios::beg);
+  if (length < 0 || !in) throw std::runtime_error(detail::concat("cannot read ", detail::quote_text(path, 1000)));
+  file.resize(std::size_t(length));
+  if (length > 0) in.read(reinterpret_cast<char*>(file.data()), length);
+  if (!in) throw std::runtime_error(detail::concat("cannot read ", detail::quote_text(path, 1000)));
+  try {
+    return parse(file);
+  } catch (const std::invalid_argument& error) {
+    // Say which file was malformed.
+    throw std::invalid_argument(std::string(error.what()) + " (in " + detail::quote_text(path, 1000) + ")");
+  }
+}
+
+inline std::vector<std::string> Safetensors::names() const {
+  std::vector<std::string> out;
+  out.reserve(tensors_.size());
+  for (const auto& item : tensors_) out.push_back(item.first);
+  return out;
+}
+
+inline const SafetensorsTensor& Safetensors::tensor(const std::string& name) const {
+  const auto it = tensors_.find(name);
+  if (it == tensors_.end()) detail::throw_invalid("safetensors: no tensor named ", detail::quote_text(name));
+  return it->second;
+}
+
+inline void Safetensors::add(SafetensorsTensor tensor) {
+  const std::string context = "tensor " + detail::quote_text(tensor.name);
+  if (tensor.name == "__metadata__") detail::throw_invalid("tensor name '__metadata__' is reserved for metadata");
+  const std::size_t need = detail::checked_tensor_bytes(context, tensor.dtype, tensor.shape);
+  if (tensor.bytes.size() != need)
+    detail::throw_invalid(context, " holds ", tensor.bytes.size(), " bytes but shape ",
+                          detail::shape_string(tensor.shape), " of ", tensor.dtype, " needs ", need);
+  if (contains(tensor.name)) detail::throw_invalid(context, " already exists");
+  std::string key = tensor.name;
+  tensors_.emplace(std::move(key), std::move(tensor));
+}
+
+inline std::vector<unsigned char> Safetensors::serialize() const {
+  nlohmann::json header = nlohmann::json::object();
+  std::uint64_t offset = 0;
+  for (const auto& item : tensors_) {
+    const SafetensorsTensor& t = item.second;
+    const std::uint64_t end = offset + t.bytes.size();
+    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, end}}};
+    offset = end;
+  }
+  if (!metadata_.empty()) header["__metadata__"] = metadata_;
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // data buffer starts 8-byte aligned
+
+  std::vector<unsigned char> out(8 + text.size() + offset);
+  detail::write_u64_le(text.size(), out.data());
+  std::memcpy(out.data() + 8, text.data(), text.size());
+  unsigned char* p = out.data() + 8 + text.size();
+  for (const auto& item : tensors_) {
+    const std::vector<unsigned char>& b = item.second.bytes;
+    if (!b.empty()) std::memcpy(p, b.data(), b.size());
+    p += b.size();
+  }
+  return out;
+}
+
+inline void Safetensors::save(const std::string& path) const {
+  const std::vector<unsigned char> image = serialize();
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw std::runtime_error(detail::concat("cannot open ", detail::quote_text(path, 1000), " for writing"));
+  out.write(reinterpret_cast<const char*>(image.data()), std::streamsize(image.size()));
+  out.close();
+  if (!out) throw std::runtime_error(detail::concat("cannot write ", detail::quote_text(path, 1000)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole-checkpoint conversion (Llama-style names, Hugging Face [out_features][in_features]).
+
+/// Head counts of a Llama-style model as given by its Hugging Face config.json.
+struct LlamaConfig {
+  int num_attention_heads = 0;  // 0 = not given
+  int num_key_value_heads = 0;  // defaults to num_attention_heads
+  int hidden_size = 0;          // 0 = not given
+  int head_dim = 0;             // 0 = not given (then q_proj rows / num_attention_heads)
+};
+
+namespace detail {
+
+inline int config_int(const nlohmann::ordered_json& config, const char* key) {
+  const auto it = config.find(key);
+  if (it == config.end() || it->is_null()) return 0;
+  if (!it->is_number_integer() || it->get<std::int64_t>() <= 0 ||
+      it->get<std::int64_t>() > std::numeric_limits<int>::max())
+    throw_invalid("config ", key, " (", json_excerpt(*it),
+                  ") must be a positive integer");
+  return int(it->get<std::int64_t>());
+}
+
+}  // namespace detail
+
+/// Reads the fields of LlamaConfig from a parsed config.json; missing fields read as 0
+/// (num_key_value_heads as num_attention_heads). Throws std::invalid_argument on a field that is
+/// present but not a positive integer.
+inline LlamaConfig read_llama_config(const nlohmann::ordered_json& config) {
+  if (!config.is_object()) detail::throw_invalid("config must be a JSON object, got ", config.type_name());
+  LlamaConfig out;
+  out.num_attention_heads = detail::config_int(config, "num_attention_heads");
+  out.num_key_value_heads = detail::config_int(config, "num_key_value_heads");
+  if (out.num_key_value_heads == 0) out.num_key_value_heads = out.num_attention_heads;
+  out.hidden_size = detail::config_int(config, "hidden_size");
+  out.head_dim = detail::config_int(config, "head_dim");
+  return out;
+}
+
+/// The config with num_key_value_heads = kv_heads; every other key and the key order are kept.
+inline nlohmann::ordered_json with_kv_heads(nlohmann::ordered_json config, int kv_heads) {
+  if (!config.is_object()) detail::throw_invalid("config must be a JSON object, got ", config.type_name());
+  if (kv_heads <= 0) detail::throw_invalid("kv_heads (", kv_heads, ") must be positive");
+  config["num_key_value_heads"] = kv_heads;
+  return config;
+}
+
+/// What convert_checkpoint does. Zero means "derive from the tensor shapes" / "don't check".
+struct CheckpointConversion {
+  int q_heads = 0;        // attention (query) heads; required
+  int to_kv_heads = 0;    // KV heads of the result; required, must divide the source's
+  int from_kv_heads = 0;  // source KV heads; 0 = k_proj rows / head_dim
+  int head_dim = 0;       // 0 = q_proj rows / q_heads
+  int hidden_size = 0;    // 0 = not checked; else q/k/v_proj must have this many columns
+};
+
+/// What convert_checkpoint did.
+struct ConversionSummary {
+  int layers = 0;
+  int head_dim = 0;
+  int from_kv_heads = 0;
+  int to_kv_heads = 0;
+  std::vector<std::string> pooled;  // tensors rewritten (k/v_proj weights and biases)
+  std::size_t copied = 0;           // tensors copied unchanged
+};
+
+namespace detail {
+
+inline bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+inline const SafetensorsTensor& required_tensor(const Safetensors& file, const std::string& name,
+                                                const std::string& because) {
+  if (!file.contains(name)) throw_invalid("checkpoint has no tensor ", quote_text(name), " (", because, ")");
+  return file.tensor(name);
+}
+
+// Pools a Hugging Face k/v_proj weight [from*head_dim][cols] or bias [from*head_dim] along
+// its first dimension and stores it in the tensor's own dtype.
+inline SafetensorsTensor pool_hf_tensor(const SafetensorsTensor& t, int from, int to, int head_dim) {
+  const std::int64_t cols = t.shape.size() == 2 ? t.shape[1] : 1;
+  if (cols <= 0 || cols > std::numeric_limits<int>::max())
+    throw_invalid("tensor ", quote_text(t.name), " has ", cols, " columns (expected 1 .. ",
+                  std::numeric_limits<int>::max(), ")");
+  const std::vector<float> src = t.to_f32();
+  std::vector<float> dst(std::size_t(to) * std::size_t(head_dim) * std::size_t(cols));
+  pool_kv_rows(src.data(), int(cols), from, to, head_dim, dst.data());
+  std::vector<std::int64_t> shape = t.shape;
+  shape[0] = std::int64_t(to) * head_dim;
+  return SafetensorsTensor::from_f32(t.name, std::move(shape), dst.data(), t.dtype);
+}
+
+}  // namespace detail
+
+/// Converts a Llama-style checkpoint to how.to_kv_heads KV heads in memory: for every
+/// "<prefix>self_attn.k_proj.weight" (with its q_proj and v_proj) the k_proj and v_proj weights
+/// [kv_heads*head_dim][hidden] and biases [kv_heads*head_dim], if any, are mean-pooled over
+/// contiguous groups of KV heads (stored in their own dtype, rounded to nearest even); every
+/// other tensor and the metadata are copied unchanged. Throws std::invalid_argument naming the
+/// tensor on any shape that does not fit.
+inline Safetensors convert_checkpoint(const Safetensors& in, const CheckpointConversion& how,
+                                      ConversionSummary* summary = nullptr) {
+  using detail::quote_text;
+  using detail::throw_invalid;
+  if (how.q_heads <= 0) throw_invalid("q_heads (", how.q_heads, ") must be positive");
+  if (how.to_kv_heads <= 0) throw_invalid("to_kv_heads (", how.to_kv_heads, ") must be positive");
+  if (how.from_kv_heads < 0) throw_invalid("from_kv_heads (", how.from_kv_heads, ") must be >= 0 (0 = derive)");
+  if (how.head_dim < 0) throw_invalid("head_dim (", how.head_dim, ") must be >= 0 (0 = derive)");
+  if (how.hidden_size < 0) throw_invalid("hidden_size (", how.hidden_size, ") must be >= 0 (0 = don't check)");
+
+  const std::string k_suffix = "self_attn.k_proj.weight";
+  ConversionSummary done;
+  done.to_kv_heads = how.to_kv_heads;
+  std::map<std::string, SafetensorsTensor> pooled;
+  for (const std::string& name : in.names()) {
+    if (!detail::ends_with(name, k_suffix)) continue;
+    const std::string prefix = name.substr(0, name.size() - std::string("k_proj.weight").size());
+    const SafetensorsTensor& q = detail::required_tensor(in, prefix + "q_proj.weight", "it pairs with " + quote_text(name));
+    const SafetensorsTensor& k = in.tensor(name);
+    const SafetensorsTensor& v = detail::required_tensor(in, prefix + "v_proj.weight", "it pairs with " + quote_text(name));
+    for (const SafetensorsTensor* t : {&q, &k, &v}) {
+      if (t->shape.size() != 2 || t->shape[0] <= 0 || t->shape[1] <= 0)
+        throw_invalid("tensor ", quote_text(t->name), " has shape ", detail::shape_string(t->shape),
+                      " (expected 2-D [out_features][in_features], both positive)");
+      if (how.hidden_size != 0 && t->shape[1] != how.hidden_size)
+        throw_invalid("tensor ", quote_text(t->name), " has ", t->shape[1], " columns but hidden_size is ",
+                      how.hidden_size);
+      if (t->shape[0] > std::numeric_limits<int>::max())
+        throw_invalid("tensor ", quote_text(t->name), " has too many rows (", t->shape[0], ")");
+    }
+    if (k.shape[1] != q.shape[1])
+      throw_invalid("tensor ", quote_text(k.name), " has ", k.shape[1], " columns but ", quote_text(q.name), " has ",
+                    q.shape[1]);
+    if (v.shape != k.shape)
+      throw_invalid("tensor ", quote_text(v.name), " has shape ", detail::shape_string(v.shape), " but ", quote_text(k.name),
+                    " has ", detail::shape_string(k.shape));
+    if (q.shape[0] % how.q_heads != 0)
+      throw_invalid("tensor ", quote_text(q.name), " has ", q.shape[0], " rows, not a multiple of q_heads (", how.q_heads,
+                    ")");
+    const int head_dim = int(q.shape[0] / how.q_heads);
+    if (how.head_dim != 0 && how.head_dim != head_dim)
+      throw_invalid("tensor ", quote_text(q.name), " has ", q.shape[0], " rows = q_heads (", how.q_heads, ") * ", head_dim,
+                    " but head_dim is ", how.head_dim);
+    if (k.shape[0] % head_dim != 0)
+      throw_invalid("tensor ", quote_text(k.name), " has ", k.shape[0], " rows, not a multiple of head_dim (", head_dim,
+                    ")");
+    const int from = int(k.shape[0] / head_dim);
+    if (how.from_kv_heads != 0 && how.from_kv_heads != from)
+      throw_invalid("tensor ", quote_text(k.name), " holds ", from, " KV heads (", k.shape[0], " rows / head_dim ",
+                    head_dim, ") but from_kv_heads is ", how.from_kv_heads);
+    if (how.q_heads % from != 0)
+      throw_invalid("q_heads (", how.q_heads, ") must be a multiple of the KV heads (", from, ") of ", quote_text(k.name));
+    if (from % how.to_kv_heads != 0)
+      throw_invalid("to_kv_heads (", how.to_kv_heads, ") must divide the KV heads (", from, ") of ", quote_text(k.name));
+    if (done.layers > 0 && (head_dim != done.head_dim || from != done.from_kv_heads))
+      throw_invalid("tensor ", quote_text(k.name), " has head_dim ", head_dim, " and ", from,
+                    " KV heads, unlike the layers before it (head_dim ", done.head_dim, ", ", done.from_kv_heads,
+                    " KV heads)");
+    done.head_dim = head_dim;
+    done.from_kv_heads = from;
+    ++done.layers;
+
+    for (const SafetensorsTensor* t : {&k, &v})
+      pooled.emplace(t->name, detail::pool_hf_tensor(*t, from, how.to_kv_heads, head_dim));
+    for (const char* bias : {"k_proj.bias", "v_proj.bias"}) {
+      if (!in.contains(prefix + bias)) continue;
+      const SafetensorsTensor& b = in.tensor(prefix + bias);
+      if (b.shape.size() != 1 || b.shape[0] != k.shape[0])
+        throw_invalid("tensor ", quote_text(b.name), " has shape ", detail::shape_string(b.shape), " (expected [",
+                      k.shape[0], "])");
+      pooled.emplace(b.name, detail::pool_hf_tensor(b, from, how.to_kv_heads, head_dim));
+    }
+  }
+  if (done.layers == 0)
+    throw_invalid("checkpoint has no tensor named '*", k_suffix, "' (expected a Llama-style checkpoint)");
+
+  Safetensors out;
+  out.metadata() = in.metadata();
+  for (const std::string& name : in.names()) {
+    const auto it = pooled.find(name);
+    if (it != pooled.end()) {
+      done.pooled.push_back(name);
+      out.add(std::move(it->second));
+    } else {
+      ++done.copied;
+      out.add(in.tensor(name));
+    }
+  }
+  if (summary != nullptr) *summary = std::move(done);
+  return out;
+}
+
+/// Options of convert_checkpoint_file.
+struct ConvertFileOptions {
+  int to_kv_heads = 0;      // required
+  int q_heads = 0;          // 0 = num_attention_heads from the config
+  std::string config_path;  // empty = "config.json" next to the input, if it exists
+};
+
+/// What convert_checkpoint_file did.
+struct ConvertFileResult {
+  ConversionSummary summary;
+  std::string config_in;   // the config read ("" = none found)
+  std::string config_out;  // the config written next to the output ("" = none)
+};
+
+namespace detail {
+
+inline nlohmann::ordered_json load_json(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(concat("cannot open ", quote_text(path.string(), 1000), " for reading"));
+  try {
+    return nlohmann::ordered_json::parse(in);
+  } catch (const nlohmann::json::exception& error) {
+    throw_invalid(quote_text(path.string(), 1000), " is not valid JSON: ", error.what());
+  }
+}
+
+inline void write_file_atomically(const std::filesystem::path& path, const void* data, std::size_t size) {
+  // Write a sibling file and rename it over the target, so a failure never leaves half a file.
+  std::filesystem::path temp = path;
+  temp += ".kvheads-tmp";
+  {
+    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
+    if (!out) throw std::runtime_error(concat("cannot open ", quote_text(temp.string(), 1000), " for writing"));
+    out.write(static_cast<const char*>(data), std::streamsize(size));
+    out.close();
+    if (!out) {
+      std::error_code ignored;
+      std::filesystem::remove(temp, ignored);
+      throw std::runtime_error(concat("cannot write ", quote_text(temp.string(), 1000)));
+    }
+  }
+  std::error_code error;
+  std::filesystem::rename(temp, path, error);
+  if (error) {
+    std::error_code ignored;
+    std::filesystem::remove(temp, ignored);
+    throw std::runtime_error(concat("cannot rename ", quote_text(temp.string(), 1000), " to ", quote_text(path.string(), 1000),
+                                    ": ", error.message()));
+  }
+}
+
+inline bool same_file(const std::filesystem::path& a, const std::filesystem::path& b) {
+  std::error_code error;
+  if (std::filesystem::exists(a, error) && std::filesystem::exists(b, error))
+    return std::filesystem::equivalent(a, b, error);
+  return std::filesystem::weakly_canonical(a, error) == std::filesystem::weakly_canonical(b, error);
+}
+
+}  // namespace detail
+
+/// Converts the checkpoint file in_path into out_path with options.to_kv_heads KV heads (see
+/// convert_checkpoint). Head counts come from options.q_heads and/or a Hugging Face config.json
+/// (options.config_path, else next to the input); when a config was found, a copy with
+/// num_key_value_heads updated is written as config.json next to the output. Refuses to
+/// overwrite the input file or the input config. Throws std::invalid_argument on bad input and
+/// std::runtime_error on I/O failure; nothing is written unless the conversion succeeds.
+inline ConvertFileResult convert_checkpoint_file(const std::string& in_path, const std::string& out_path,
+                                                 const ConvertFileOptions& options) {
+  namespace fs = std::filesystem;
+  using detail::quote_text;
+  using detail::throw_invalid;
+  if (options.to_kv_heads <= 0) throw_invalid("to_kv_heads (", options.to_kv_heads, ") must be positive");
+  if (options.q_heads < 0) throw_invalid("q_heads (", options.q_heads, ") must be >= 0 (0 = from the config)");
+  const fs::path in_file(in_path), out_file(out_path);
+  if (detail::same_file(in_file, out_file))
+    throw_invalid("output ", quote_text(out_path, 1000), " is the input file; write the result to a new file");
+
+  ConvertFileResult result;
+  fs::path config_in;
+  if (!options.config_path.empty()) {
+    config_in = options.config_path;
+    if (!fs::exists(config_in)) throw std::runtime_error(detail::concat("config ", quote_text(config_in.string(), 1000),
+                                                                        " does not exist"));
+  } else {
+    const fs::path candidate = in_file.parent_path() / "config.json";
+    std::error_code error;
+    if (fs::is_regular_file(candidate, error)) config_in = candidate;
+  }
+
+  CheckpointConversion how;
+  how.to_kv_heads = options.to_kv_heads;
+  how.q_heads = options.q_heads;
+  nlohmann::ordered_json config;
+  fs::path config_out;
+  if (!config_in.empty()) {
+    config = detail::load_json(config_in);
+    LlamaConfig heads;
+    try {
+      heads = read_llama_config(config);
+    } catch (const std::invalid_argument& error) {
+      throw std::invalid_argument(std::string(error.what()) + " (in " + quote_text(config_in.string(), 1000) + ")");
+    }
+    if (how.q_heads != 0 && heads.num_attention_heads != 0 && how.q_heads != heads.num_attention_heads)
+      throw_invalid("q_heads (", how.q_heads, ") disagrees with num_attention_heads (", heads.num_attention_heads,
+                    ") in ", quote_text(config_in.string(), 1000));
+    if (how.q_heads == 0) how.q_heads = heads.num_attention_heads;
+    how.from_kv_heads = heads.num_key_value_heads;
+    how.hidden_size = heads.hidden_size;
+    how.head_dim = heads.head_dim;
+    config_out = out_file.parent_path() / "config.json";
+    if (detail::same_file(config_in, config_out))
+      throw_invalid("the output config ", quote_text(config_out.string(), 1000),
+                    " would overwrite the input config; write the output into another directory");
+  }
+  if (how.q_heads == 0)
+    throw_invalid("the number of attention heads is unknown: give q_heads or a config.json with num_attention_heads");
+  // A config without num_attention_heads but with q_heads given: its KV heads default to q_heads.
+  if (how.from_kv_heads == 0 && !config_in.empty() && !config.contains("num_key_value_heads"))
+    how.from_kv_heads = how.q_heads;
+
+  const Safetensors in = Safetensors::load(in_path);
+  const Safetensors out = convert_checkpoint(in, how, &result.summary);
+  const std::vector<unsigned char> image = out.serialize();
+  detail::write_file_atomically(out_file, image.data(), image.size());
+  if (!config_in.empty()) {
+    const std::string text = with_kv_heads(config, options.to_kv_heads).dump(2) + "\n";
+    detail::write_file_atomically(config_out, text.data(), text.size());
+    result.config_in = config_in.string();
+    result.config_out = config_out.string();
+  }
+  return result;
+}
+
+}  // namespace kvheads

@@ -1,0 +1,562 @@
+// safetensors reading/writing (round trips, strict validation) and whole-checkpoint
+// conversion to fewer KV heads, on small files built here.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "kvheads/safetensors.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using kvheads::Safetensors;
+using kvheads::SafetensorsTensor;
+using Catch::Matchers::Contains;
+using Bytes = std::vector<unsigned char>;
+
+// A file image with an explicit header length field.
+Bytes file_with_length(std::uint64_t length, const std::string& header, std::size_t data_bytes = 0) {
+  Bytes out(8 + header.size() + data_bytes, 0);
+  for (int i = 0; i < 8; ++i) out[std::size_t(i)] = static_cast<unsigned char>(length >> (8 * i));
+  std::memcpy(out.data() + 8, header.data(), header.size());
+  for (std::size_t i = 0; i < data_bytes; ++i) out[8 + header.size() + i] = static_cast<unsigned char>(i * 7 + 1);
+  return out;
+}
+// A well-framed file: header as given, then data_bytes of data.
+Bytes raw_file(const std::string& header, std::size_t data_bytes) {
+  return file_with_length(header.size(), header, data_bytes);
+}
+
+// Parsing must fail with std::invalid_argument whose message contains every fragment.
+void expect_invalid(const Bytes& file, std::initializer_list<const char*> fragments) {
+  try {
+    (void)Safetensors::parse(file);
+    FAIL("parse accepted a malformed file");
+  } catch (const std::invalid_argument& error) {
+    const std::string message = error.what();
+    INFO("message: " << message);
+    CHECK(message.rfind("kvheads: ", 0) == 0);
+    for (const char* fragment : fragments) CHECK_THAT(message, Contains(fragment));
+  }
+}
+
+std::vector<float> random_floats(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> out(n);
+  for (float& f : out) f = dist(rng);
+  return out;
+}
+
+std::uint32_t bits_of(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// A temporary directory removed at scope exit.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("kvheads-test-" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+};
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+// A small Llama-style checkpoint: `layers` decoder layers with HF [out][in] projections.
+struct Llama {
+  int layers = 2, heads = 8, kv_heads = 8, head_dim = 4, hidden = 16;
+  bool bias = false;
+  std::string dtype = "F32";
+};
+
+Safetensors make_llama(const Llama& c, unsigned seed = 1) {
+  Safetensors file;
+  file.metadata()["format"] = "pt";
+  auto add = [&](const std::string& name, std::vector<std::int64_t> shape) {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    const std::vector<float> values = random_floats(std::size_t(n), seed++);
+    file.add_f32(name, std::move(shape), values.data(), c.dtype);
+  };
+  add("model.embed_tokens.weight", {10, c.hidden});
+  add("model.norm.weight", {c.hidden});
+  add("lm_head.weight", {10, c.hidden});
+  for (int l = 0; l < c.layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {c.hidden});
+    add(p + "self_attn.q_proj.weight", {c.heads * c.head_dim, c.hidden});
+    add(p + "self_attn.k_proj.weight", {c.kv_heads * c.head_dim, c.hidden});
+    add(p + "self_attn.v_proj.weight", {c.kv_heads * c.head_dim, c.hidden});
+    add(p + "self_attn.o_proj.weight", {c.hidden, c.heads * c.head_dim});
+    add(p + "mlp.up_proj.weight", {2 * c.hidden, c.hidden});
+    if (c.bias) {
+      add(p + "self_attn.q_proj.bias", {c.heads * c.head_dim});
+      add(p + "self_attn.k_proj.bias", {c.kv_heads * c.head_dim});
+      add(p + "self_attn.v_proj.bias", {c.kv_heads * c.head_dim});
+    }
+  }
+  return file;
+}
+
+// Rows j*head_dim + c of the pooled tensor against the double mean of the source rows
+// (g*r + ...) -- computed here independently of the library.
+void check_pooled(const SafetensorsTensor& source, const SafetensorsTensor& pooled, int from, int to, int head_dim) {
+  const std::int64_t cols = source.shape.size() == 2 ? source.shape[1] : 1;
+  REQUIRE(pooled.dtype == source.dtype);
+  REQUIRE(pooled.shape[0] == std::int64_t(to) * head_dim);
+  if (source.shape.size() == 2) REQUIRE(pooled.shape[1] == cols);
+  const std::vector<float> src = source.to_f32(), got = pooled.to_f32();
+  // The result is stored in the source dtype: allow one rounding step of that dtype.
+  const double rel = source.dtype == "F32" ? 1e-6 : source.dtype == "F16" ? 1.0 / 1024 : 1.0 / 128;
+  const int r = from / to;
+  for (int j = 0; j < to; ++j)
+    for (int c = 0; c < head_dim; ++c)
+      for (std::int64_t col = 0; col < cols; ++col) {
+        double mean = 0;
+        for (int g = 0; g < r; ++g) mean += src[std::size_t(((j * r + g) * head_dim + c) * cols + col)];
+        mean /= r;
+        const float value = got[std::size_t((j * head_dim + c) * cols + col)];
+        INFO(pooled.name << " row " << j * head_dim + c << " col " << col);
+        REQUIRE(std::fabs(double(value) - mean) <= rel * std::fabs(mean) + 1e-6);
+      }
+}
+
+}  // namespace
+
+TEST_CASE("safetensors: write -> read round trip is bit-exact for F32, F16 and BF16", "[safetensors]") {
+  Safetensors file;
+  std::vector<float> values = random_floats(24, 3);
+  values[0] = std::numeric_limits<float>::infinity();
+  values[1] = -0.f;
+  values[2] = std::numeric_limits<float>::denorm_min();
+  values[3] = 65504.f;
+  values[4] = 1e-7f;  // fp16 subnormal
+  file.add_f32("a.f32", {2, 3, 4}, values.data(), "F32");
+  file.add_f32("b.f16", {24}, values.data(), "F16");
+  file.add_f32("c.bf16", {4, 6}, values.data(), "BF16");
+  file.add_f32("d.scalar", {}, values.data() + 5, "F32");
+  file.add_f32("e.empty", {0, 5}, nullptr, "BF16");
+  // Raw bytes with NaN payloads survive untouched.
+  file.add(SafetensorsTensor{"f.raw_f16", "F16", {3}, {0x01, 0x7C, 0xFF, 0xFF, 0x00, 0x80}});
+  file.metadata()["format"] = "pt";
+  file.metadata()["note"] = "unicode \xC3\xA9 and \"quotes\"";
+
+  const Bytes image = file.serialize();
+  const Safetensors back = Safetensors::parse(image);
+  REQUIRE(back.names() == file.names());
+  for (const std::string& name : file.names()) {
+    INFO(name);
+    CHECK(back.tensor(name).dtype == file.tensor(name).dtype);
+    CHECK(back.tensor(name).shape == file.tensor(name).shape);
+    CHECK(back.tensor(name).bytes == file.tensor(name).bytes);
+  }
+  CHECK(back.metadata() == file.metadata());
+  CHECK(back.serialize() == image);  // deterministic
+
+  // F32 is stored exactly; F16/BF16 read back as their rounded values.
+  const std::vector<float> f32 = back.read_f32("a.f32");
+  REQUIRE(f32.size() == 24);
+  for (std::size_t i = 0; i < 24; ++i) CHECK(bits_of(f32[i]) == bits_of(values[i]));
+  const std::vector<float> f16 = back.read_f32("b.f16"), b16 = back.read_f32("c.bf16");
+  for (std::size_t i = 0; i < 24; ++i) {
+    CHECK(bits_of(f16[i]) == bits_of(kvheads::fp16::from_float(values[i]).to_float()));
+    CHECK(bits_of(b16[i]) == bits_of(kvheads::bf16::from_float(values[i]).to_float()));
+  }
+  CHECK(back.read_f32("d.scalar") == std::vector<float>{values[5]});
+  CHECK(back.read_f32("e.empty").empty());
+  CHECK(back.tensor("d.scalar").numel() == 1);
+  CHECK(back.tensor("e.empty").numel() == 0);
+
+  TempDir dir;
+  const std::string path = (dir.path / "x.safetensors").string();
+  back.save(path);
+  const Safetensors loaded = Safetensors::load(path);
+  CHECK(loaded.serialize() == image);
+}
+
+TEST_CASE("safetensors: the written layout follows the format", "[safetensors]") {
+  Safetensors file;
+  const float v[3] = {1.f, 2.f, -3.f};
+  file.add_f32("w", {3}, v);
+  file.add_f32("a", {1}, v + 2, "BF16");
+  const Bytes image = file.serialize();
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | image[std::size_t(i)];
+  CHECK(n % 8 == 0);  // data buffer 8-byte aligned
+  REQUIRE(image.size() == 8 + n + 2 + 12);
+  const std::string header(image.begin() + 8, image.begin() + 8 + std::ptrdiff_t(n));
+  CHECK(header.rfind(R"({"a":{"data_offsets":[0,2],"dtype":"BF16","shape":[1]},"w":{"data_offsets":[2,14])", 0) == 0);
+  // "a" (sorted first) holds bf16(-3) = 0xC040, little-endian; then 1.0f = 00 00 80 3F.
+  CHECK(image[8 + n] == 0x40);
+  CHECK(image[8 + n + 1] == 0xC0);
+  CHECK(image[8 + n + 2 + 3] == 0x3F);
+  CHECK(image[8 + n + 2 + 2] == 0x80);
+}
+
+TEST_CASE("safetensors: reads a hand-written file", "[safetensors]") {
+  const std::string header =
+      R"( {"__metadata__": {"format": "pt"}, "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+      R"( "h": {"dtype": "F16", "shape": [1, 1], "data_offsets": [8, 10], "extra": [1, {"ignored": true}]}}   )";
+  Bytes file = raw_file(header, 10);
+  const unsigned char data[10] = {0x00, 0x00, 0x80, 0x3F, 0x00, 0x00, 0x00, 0xC0, 0x00, 0x3C};  // 1, -2, fp16 1
+  std::memcpy(file.data() + 8 + header.size(), data, 10);
+  const Safetensors st = Safetensors::parse(file.data(), file.size());
+  CHECK(st.names() == std::vector<std::string>{"h", "x"});
+  CHECK(st.read_f32("x") == std::vector<float>{1.f, -2.f});
+  CHECK(st.read_f32("h") == std::vector<float>{1.f});
+  CHECK(st.metadata().at("format") == "pt");
+  CHECK(st.tensor("h").shape == std::vector<std::int64_t>{1, 1});
+}
+
+TEST_CASE("safetensors: malformed files throw a clear std::invalid_argument", "[safetensors]") {
+  const std::string ok_entry = R"("t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})";
+
+  SECTION("too short for the length field") {
+    expect_invalid(Bytes{}, {"0 bytes", "shorter than the 8-byte header length"});
+    expect_invalid(Bytes(7, 0), {"7 bytes"});
+  }
+  SECTION("header length beyond the file or absurd") {
+    expect_invalid(file_with_length(100, "{}"), {"header length (100)", "exceeds the 2 bytes"});
+    expect_invalid(file_with_length(std::uint64_t(1) << 40, "{}"), {"header length (1099511627776)", "limit"});
+    expect_invalid(file_with_length(~std::uint64_t(0), "{}"), {"header length (18446744073709551615)"});
+  }
+  SECTION("not JSON, or not an object") {
+    expect_invalid(raw_file("{\"t\": ", 0), {"not valid JSON"});
+    expect_invalid(raw_file("{} x", 0), {"not valid JSON"});
+    expect_invalid(raw_file("\xff\xfe", 0), {"not valid JSON"});
+    expect_invalid(raw_file("", 0), {"not valid JSON"});
+    expect_invalid(raw_file("[1, 2]", 0), {"must be a JSON object, got array"});
+    expect_invalid(raw_file("\"t\"", 0), {"must be a JSON object, got string"});
+    expect_invalid(raw_file(std::string(40, '[') + std::string(40, ']'), 0), {"nests deeper than 16"});
+  }
+  SECTION("entries") {
+    expect_invalid(raw_file(R"({"t": [1]})", 0), {"tensor 't'", "entry must be an object, got array"});
+    expect_invalid(raw_file(R"({"t": {"shape": [], "data_offsets": [0, 4]}})", 4), {"tensor 't'", "missing \"dtype\""});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "data_offsets": [0, 4]}})", 4), {"tensor 't'", "missing \"shape\""});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": []}})", 4), {"tensor 't'", "missing \"data_offsets\""});
+    expect_invalid(raw_file(R"({"t": {"dtype": 3, "shape": [], "data_offsets": [0, 4]}})", 4),
+                   {"tensor 't'", "dtype must be a string"});
+  }
+  SECTION("unknown dtype is named") {
+    expect_invalid(raw_file(R"({"w": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 'w'", "unknown dtype 'F64'", "expected F32, F16 or BF16"});
+  }
+  SECTION("shape entries") {
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "shape[1] (-3) must be >= 0"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "shape[0] (2.5) must be a non-negative integer"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}})", 8),
+                   {"shape[0] (\"2\") must be a non-negative integer"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "shape must be an array"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "element count overflows"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2305843009213693952], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "element count overflows"});  // 2^61 elements * 4 bytes
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [18446744073709551615], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "shape[0] (18446744073709551615) is too large"});
+  }
+  SECTION("data_offsets") {
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0]}})", 8),
+                   {"tensor 't'", "data_offsets must be [begin, end]"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}})", 8),
+                   {"data_offsets must be [begin, end]"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": {"a": 1}}})", 8),
+                   {"data_offsets must be [begin, end]"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [-1, 8]}})", 8),
+                   {"tensor 't'", "data_offsets begin (-1) must be >= 0"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}})", 8),
+                   {"tensor 't'", "data_offsets begin (8) must not exceed end (0)"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}})", 8),
+                   {"tensor 't'", "data_offsets end (16) is beyond the 8-byte data buffer"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 18446744073709551615]}})", 8),
+                   {"tensor 't'", "data_offsets end (18446744073709551615) is too large"});
+  }
+  SECTION("size mismatch between shape x dtype and offsets") {
+    expect_invalid(raw_file(R"({"t": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "hold 8 bytes but shape [2, 3] of BF16 needs 12"});
+  }
+  SECTION("overlaps, holes and trailing bytes") {
+    expect_invalid(raw_file(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+                            R"( "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
+                            12),
+                   {"tensors 'a' and 'b' overlap"});
+    expect_invalid(raw_file(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+                            R"( "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})",
+                            8),
+                   {"overlap"});
+    expect_invalid(raw_file(R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},)"
+                            R"( "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}})",
+                            12),
+                   {"bytes [4, 8) belong to no tensor", "'b'"});
+    expect_invalid(raw_file("{" + ok_entry + "}", 12), {"bytes [8, 12) belong to no tensor", "trailing"});
+  }
+  SECTION("duplicate names and keys") {
+    expect_invalid(raw_file("{" + ok_entry + ", " + ok_entry + "}", 8), {"duplicate tensor name 't'"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}})", 8),
+                   {"duplicate key 'dtype'"});
+    expect_invalid(raw_file(R"({"__metadata__": {"k": "a", "k": "b"}})", 0), {"duplicate key 'k'"});
+  }
+  SECTION("metadata must map strings to strings") {
+    expect_invalid(raw_file(R"({"__metadata__": {"k": 1}})", 0), {"__metadata__ value of 'k' must be a string"});
+    expect_invalid(raw_file(R"({"__metadata__": [1]})", 0), {"__metadata__ must be an object"});
+  }
+  SECTION("a null buffer with a size") {
+    REQUIRE_THROWS_WITH(Safetensors::parse(nullptr, 16), Contains("data is null"));
+  }
+}
+
+TEST_CASE("safetensors: edge cases that are valid", "[safetensors]") {
+  // No tensors at all, with and without metadata.
+  CHECK(Safetensors::parse(raw_file("{}", 0)).size() == 0);
+  CHECK(Safetensors::parse(raw_file(R"({"__metadata__": {}})", 0)).metadata().empty());
+  // Zero-sized tensors at buffer boundaries, including the end; a zero dimension next to a huge one.
+  const Safetensors st = Safetensors::parse(
+      raw_file(R"({"a": {"dtype": "F16", "shape": [0], "data_offsets": [0, 0]},)"
+               R"( "b": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},)"
+               R"( "c": {"dtype": "BF16", "shape": [9223372036854775807, 0], "data_offsets": [4, 4]}})",
+               4));
+  CHECK(st.size() == 3);
+  CHECK(st.tensor("c").numel() == 0);
+  CHECK(st.read_f32("c").empty());
+}
+
+TEST_CASE("safetensors: lookups, I/O errors and writer checks", "[safetensors]") {
+  Safetensors file;
+  const float v[4] = {1, 2, 3, 4};
+  file.add_f32("w", {2, 2}, v);
+  REQUIRE_THROWS_WITH(file.tensor("missing"), Contains("no tensor named 'missing'"));
+  REQUIRE_THROWS_WITH(file.read_f32("missing"), Contains("no tensor named 'missing'"));
+  REQUIRE_THROWS_WITH(file.add_f32("w", {2, 2}, v), Contains("tensor 'w' already exists"));
+  REQUIRE_THROWS_WITH(file.add_f32("x", {2, 2}, v, "F64"), Contains("unknown dtype 'F64'"));
+  REQUIRE_THROWS_WITH(file.add_f32("x", {-1}, v), Contains("shape[0] (-1) must be >= 0"));
+  REQUIRE_THROWS_WITH(file.add_f32("x", {2}, nullptr), Contains("data is null"));
+  REQUIRE_THROWS_WITH(file.add(SafetensorsTensor{"x", "F32", {2}, Bytes(7)}),
+                      Contains("tensor 'x' holds 7 bytes but shape [2] of F32 needs 8"));
+  REQUIRE_THROWS_WITH(file.add_f32("__metadata__", {1}, v), Contains("reserved"));
+  CHECK(file.size() == 1);
+  REQUIRE_THROWS_AS(Safetensors::load("/nonexistent/kvheads/x.safetensors"), std::runtime_error);
+
+  TempDir dir;
+  const fs::path bad = dir.path / "bad.safetensors";
+  write_text(bad, "short");
+  REQUIRE_THROWS_WITH(Safetensors::load(bad.string()), Contains("shorter than") && Contains("bad.safetensors"));
+}
+
+TEST_CASE("convert_checkpoint pools k/v_proj of every layer and copies the rest", "[safetensors][convert]") {
+  for (const char* dtype : {"F32", "BF16", "F16"}) {
+    for (const auto& kv : {std::pair<int, int>{8, 2}, std::pair<int, int>{8, 1}, std::pair<int, int>{4, 2},
+                           std::pair<int, int>{8, 8}}) {
+      Llama c;
+      c.dtype = dtype;
+      c.kv_heads = kv.first;
+      c.bias = kv.first == 4;
+      const int to = kv.second;
+      INFO(dtype << ": " << c.kv_heads << " -> " << to << " KV heads");
+      const Safetensors in = make_llama(c);
+      kvheads::CheckpointConversion how;
+      how.q_heads = c.heads;
+      how.to_kv_heads = to;
+      kvheads::ConversionSummary summary;
+      const Safetensors out = kvheads::convert_checkpoint(in, how, &summary);
+
+      CHECK(summary.layers == 2);
+      CHECK(summary.head_dim == c.head_dim);
+      CHECK(summary.from_kv_heads == c.kv_heads);
+      CHECK(summary.to_kv_heads == to);
+      CHECK(summary.pooled.size() == std::size_t(c.bias ? 8 : 4));
+      CHECK(summary.copied + summary.pooled.size() == in.size());
+      REQUIRE(out.names() == in.names());
+      CHECK(out.metadata() == in.metadata());
+      for (const std::string& name : in.names()) {
+        const bool pooled = name.find("k_proj") != std::string::npos || name.find("v_proj") != std::string::npos;
+        if (!pooled) {
+          INFO(name);
+          CHECK(out.tensor(name).dtype == in.tensor(name).dtype);
+          CHECK(out.tensor(name).shape == in.tensor(name).shape);
+          CHECK(out.tensor(name).bytes == in.tensor(name).bytes);
+          continue;
+        }
+        check_pooled(in.tensor(name), out.tensor(name), c.kv_heads, to, c.head_dim);
+        if (to == c.kv_heads) CHECK(out.tensor(name).bytes == in.tensor(name).bytes);  // identity
+      }
+      // The result survives a round trip through the file format.
+      CHECK(Safetensors::parse(out.serialize()).serialize() == out.serialize());
+    }
+  }
+}
+
+TEST_CASE("convert_checkpoint rejects checkpoints and options that do not fit", "[safetensors][convert]") {
+  const Safetensors in = make_llama(Llama{});
+  kvheads::CheckpointConversion how;
+  how.q_heads = 8;
+  how.to_kv_heads = 3;
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(in, how),
+                      Contains("to_kv_heads (3) must divide the KV heads (8) of 'model.layers.0.self_attn.k_proj.weight'"));
+  how.to_kv_heads = 2;
+  how.q_heads = 5;
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(in, how), Contains("32 rows, not a multiple of q_heads (5)"));
+  how.q_heads = 0;
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(in, how), Contains("q_heads (0) must be positive"));
+  how.q_heads = 8;
+  how.hidden_size = 32;
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(in, how), Contains("has 16 columns but hidden_size is 32"));
+  how.hidden_size = 16;
+  how.from_kv_heads = 4;
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(in, how), Contains("holds 8 KV heads") && Contains("from_kv_heads is 4"));
+  how.from_kv_heads = 0;
+  how.head_dim = 8;
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(in, how), Contains("but head_dim is 8"));
+  how.head_dim = 0;
+  CHECK(kvheads::convert_checkpoint(in, how).size() == in.size());
+
+  Safetensors no_layers;
+  const float v[2] = {1, 2};
+  no_layers.add_f32("model.norm.weight", {2}, v);
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(no_layers, how), Contains("expected a Llama-style checkpoint"));
+
+  Safetensors missing_v;
+  for (const std::string& name : in.names())
+    if (name != "model.layers.1.self_attn.v_proj.weight") missing_v.add(in.tensor(name));
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(missing_v, how),
+                      Contains("no tensor 'model.layers.1.self_attn.v_proj.weight'"));
+
+  Safetensors odd_v;
+  for (const std::string& name : in.names())
+    if (name != "model.layers.0.self_attn.v_proj.weight") odd_v.add(in.tensor(name));
+  const std::vector<float> values(16 * 16, 1.f);
+  odd_v.add_f32("model.layers.0.self_attn.v_proj.weight", {16, 16}, values.data());
+  REQUIRE_THROWS_WITH(kvheads::convert_checkpoint(odd_v, how), Contains("has shape [16, 16] but"));
+}
+
+TEST_CASE("Llama config: read, defaults and update", "[safetensors][convert]") {
+  using nlohmann::ordered_json;
+  const ordered_json config = ordered_json::parse(
+      R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "num_attention_heads": 8, "rms_norm_eps": 1e-05,
+          "num_key_value_heads": 8, "vocab_size": 10})");
+  const kvheads::LlamaConfig heads = kvheads::read_llama_config(config);
+  CHECK(heads.num_attention_heads == 8);
+  CHECK(heads.num_key_value_heads == 8);
+  CHECK(heads.hidden_size == 16);
+  CHECK(heads.head_dim == 0);
+
+  const auto no_kv = kvheads::read_llama_config(ordered_json::parse(R"({"num_attention_heads": 12})"));
+  CHECK(no_kv.num_key_value_heads == 12);
+  REQUIRE_THROWS_WITH(kvheads::read_llama_config(ordered_json::parse(R"({"num_attention_heads": -2})")),
+                      Contains("num_attention_heads (-2) must be a positive integer"));
+  REQUIRE_THROWS_WITH(kvheads::read_llama_config(ordered_json::parse(R"({"hidden_size": "16"})")),
+                      Contains("hidden_size (\"16\") must be a positive integer"));
+
+  const ordered_json updated = kvheads::with_kv_heads(config, 2);
+  CHECK(updated["num_key_value_heads"] == 2);
+  ordered_json expected = config;
+  expected["num_key_value_heads"] = 2;
+  CHECK(updated == expected);
+  std::vector<std::string> keys;
+  for (const auto& item : updated.items()) keys.push_back(item.key());
+  CHECK(keys == std::vector<std::string>{"architectures", "hidden_size", "num_attention_heads", "rms_norm_eps",
+                                         "num_key_value_heads", "vocab_size"});
+}
+
+TEST_CASE("convert_checkpoint_file converts files and writes the updated config.json", "[safetensors][convert]") {
+  TempDir dir;
+  const fs::path in_dir = dir.path / "mha", out_dir = dir.path / "gqa";
+  fs::create_directories(in_dir);
+  fs::create_directories(out_dir);
+  Llama c;
+  c.dtype = "BF16";
+  const Safetensors source = make_llama(c);
+  source.save((in_dir / "model.safetensors").string());
+  const std::string config_text =
+      R"({"hidden_size": 16, "num_attention_heads": 8, "num_key_value_heads": 8, "torch_dtype": "bfloat16"})";
+  write_text(in_dir / "config.json", config_text);
+
+  kvheads::ConvertFileOptions options;
+  options.to_kv_heads = 2;
+  SECTION("heads from the config next to the input") {
+    const auto result = kvheads::convert_checkpoint_file((in_dir / "model.safetensors").string(),
+                                                         (out_dir / "model.safetensors").string(), options);
+    CHECK(result.summary.layers == 2);
+    CHECK(result.config_in == (in_dir / "config.json").string());
+    CHECK(result.config_out == (out_dir / "config.json").string());
+    const Safetensors out = Safetensors::load((out_dir / "model.safetensors").string());
+    CHECK(out.tensor("model.layers.1.self_attn.k_proj.weight").shape == std::vector<std::int64_t>{8, 16});
+    CHECK(out.tensor("model.layers.1.self_attn.q_proj.weight").bytes ==
+          source.tensor("model.layers.1.self_attn.q_proj.weight").bytes);
+    const auto written = nlohmann::ordered_json::parse(read_text(out_dir / "config.json"));
+    CHECK(written["num_key_value_heads"] == 2);
+    CHECK(written["num_attention_heads"] == 8);
+    CHECK(written["torch_dtype"] == "bfloat16");
+    CHECK(read_text(in_dir / "config.json") == config_text);  // input untouched
+    CHECK(!fs::exists(out_dir / "model.safetensors.kvheads-tmp"));
+  }
+  SECTION("explicit q_heads without any config writes no config") {
+    fs::remove(in_dir / "config.json");
+    options.q_heads = 8;
+    const auto result = kvheads::convert_checkpoint_file((in_dir / "model.safetensors").string(),
+                                                         (out_dir / "model.safetensors").string(), options);
+    CHECK(result.config_in.empty());
+    CHECK(result.config_out.empty());
+    CHECK(!fs::exists(out_dir / "config.json"));
+    CHECK(Safetensors::load((out_dir / "model.safetensors").string()).size() == source.size());
+  }
+  SECTION("an explicit config path") {
+    fs::rename(in_dir / "config.json", dir.path / "elsewhere.json");
+    options.config_path = (dir.path / "elsewhere.json").string();
+    kvheads::convert_checkpoint_file((in_dir / "model.safetensors").string(), (out_dir / "model.safetensors").string(),
+                                     options);
+    CHECK(nlohmann::json::parse(read_text(out_dir / "config.json"))["num_key_value_heads"] == 2);
+  }
+  SECTION("errors leave no output behind") {
+    const std::string in = (in_dir / "model.safetensors").string(), out = (out_dir / "model.safetensors").string();
+    options.q_heads = 4;
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, out, options),
+                        Contains("q_heads (4) disagrees with num_attention_heads (8)"));
+    options.q_heads = 0;
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, (in_dir / "small.safetensors").string(), options),
+                        Contains("would overwrite the input config"));
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, in, options), Contains("is the input file"));
+    options.to_kv_heads = 3;
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, out, options), Contains("to_kv_heads (3) must divide"));
+    options.to_kv_heads = 2;
+    write_text(in_dir / "config.json", R"({"num_attention_heads": 8, "num_key_value_heads": 4})");
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, out, options),
+                        Contains("holds 8 KV heads") && Contains("from_kv_heads is 4"));
+    write_text(in_dir / "config.json", "{not json");
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, out, options), Contains("is not valid JSON"));
+    fs::remove(in_dir / "config.json");
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, out, options),
+                        Contains("number of attention heads is unknown"));
+    options.config_path = (dir.path / "missing.json").string();
+    REQUIRE_THROWS_AS(kvheads::convert_checkpoint_file(in, out, options), std::runtime_error);
+    CHECK(!fs::exists(out));
+    CHECK(!fs::exists(out_dir / "config.json"));
+  }
+}
