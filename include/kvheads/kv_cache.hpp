@@ -4,6 +4,7 @@
 // contiguous and decode streams them front to back.
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "kvheads/core/check.hpp"
@@ -48,6 +49,9 @@ class KvCache {
 
   /// Tokens currently cached.
   int size() const { return size_; }
+  /// Absolute position the next appended token gets (= tokens appended since the last
+  /// clear()); rotary embeddings and ALiBi use it.
+  std::int64_t position() const { return size_; }
   /// Tokens the cache can hold.
   int capacity() const { return capacity_; }
   /// Bytes of K and V storage held (both planes, the whole capacity).
