@@ -1,0 +1,463 @@
+// bench_attend: kvheads::attend() against this machine's own limits and a naive Eigen
+// baseline, for MHA, GQA-8 and MQA (q_heads 32, head_dim 128, fp32).
+//
+//   decode  (q_len 1) against a KvCache<float> at kv_len 4096 and 16384: memory-bound;
+//   causal prefill (q_len = kv_len) on plain memory at 512 and 2048: compute-bound;
+//   each on 1 and 2 threads, each with "/kvheads" and "/eigen" runs on the same inputs.
+//
+// Before the benchmarks run, the machine's read bandwidth (per K/V working-set size) and
+// fp32 FMA peak are measured and printed; every run reports GBps, GFLOPs, roofline_ratio
+// and kv_bytes, and a summary table of ratios from this run is printed at the end.
+// See bench/README.md for how to read it and the targets.
+
+// g++ 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics when Eigen's
+// GEMM packing inlines them (GCC PR 105593: the unmasked forms pass _mm512_undefined_ps()).
+// The warning is located in immintrin.h, so it is silenced for the headers' text only,
+// which must therefore be the first includes of this file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <Eigen/Core>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+#include "kvheads/attend.hpp"
+#include "kvheads/core/parallel.hpp"
+#include "kvheads/head_layout.hpp"
+#include "kvheads/kv_cache.hpp"
+#include "kvheads/options.hpp"
+
+namespace {
+
+using kvheads_bench::format;
+using kvheads_bench::Result;
+using kvheads_bench::Timing;
+using kvheads_bench::Work;
+
+constexpr int kQHeads = 32;
+constexpr int kHeadDim = 128;
+constexpr int kKvHeads[] = {32, 8, 1};
+constexpr int kDecodeLens[] = {4096, 16384};
+constexpr int kPrefillLens[] = {512, 2048};
+constexpr int kThreadCounts[] = {1, 2};
+
+// The targets of the "Fast kernels" issue (bench/README.md).
+constexpr double kDecodeRooflineTarget = 1.25;  // decode 16384: time <= 1.25 x roofline
+constexpr double kPrefillPeakTarget = 0.60;     // prefill 2048 GQA-8, 1 thread: >= 60% of FMA peak
+constexpr double kPrefillScalingTarget = 1.8;   // ... and 2 threads >= 1.8x faster than 1
+constexpr double kEigenSpeedupTarget = 5.0;     // every case >= 5x faster than the baseline
+constexpr double kGqaBytesRatioTarget = 0.8;    // decode MHA / GQA-8 time >= 0.8 x bytes ratio
+
+enum class Kind { decode, prefill };
+
+/// One benchmark case (an implementation suffix "/kvheads" or "/eigen" completes the name).
+struct Case {
+  Kind kind = Kind::decode;
+  int kv_heads = 0;
+  int len = 0;  // kv_len (decode) or q_len = kv_len (prefill)
+  int threads = 1;
+
+  kvheads::HeadLayout layout() const { return kvheads::make_layout(kQHeads, kv_heads, kHeadDim); }
+  int q_len() const { return kind == Kind::decode ? 1 : len; }
+  int kv_len() const { return len; }
+  bool causal() const { return kind == Kind::prefill; }
+
+  static std::string layout_name(int kv_heads) {
+    if (kv_heads == kQHeads) return "MHA";
+    if (kv_heads == 1) return "MQA";
+    return "GQA-" + std::to_string(kv_heads);
+  }
+  /// e.g. "decode/kv_len:16384/GQA-8/threads:2"
+  std::string name() const {
+    return std::string(kind == Kind::decode ? "decode/kv_len:" : "prefill/len:") + std::to_string(len) + "/" +
+           layout_name(kv_heads) + "/threads:" + std::to_string(threads);
+  }
+  /// Cases that share inputs (all but the thread count).
+  std::string data_key() const { return name().substr(0, name().rfind("/threads:")); }
+
+  /// K+V bytes streamed, and useful flops: 4 x q_heads x head_dim per visible
+  /// (query, key) pair (Q.K and P.V, a multiply-add counting 2 each).
+  Work work() const {
+    Work work;
+    const double pairs = kind == Kind::decode ? double(len) : double(len) * double(len + 1) / 2.0;
+    work.flops = 4.0 * kQHeads * kHeadDim * pairs;
+    work.bytes = 2.0 * kv_heads * double(len) * kHeadDim * sizeof(float);
+    work.working_set = std::size_t(work.bytes);
+    work.threads = threads;
+    return work;
+  }
+};
+
+std::vector<Case> all_cases() {
+  std::vector<Case> cases;
+  for (Kind kind : {Kind::decode, Kind::prefill})
+    for (int len : kind == Kind::decode ? std::vector<int>(std::begin(kDecodeLens), std::end(kDecodeLens))
+                                        : std::vector<int>(std::begin(kPrefillLens), std::end(kPrefillLens)))
+      for (int kv_heads : kKvHeads)
+        for (int threads : kThreadCounts) cases.push_back(Case{kind, kv_heads, len, threads});
+  return cases;
+}
+
+// ---------------------------------------------------------------------------------------
+// Inputs: random Q and K/V (in a KvCache for decode, plain [tokens][kv_heads][head_dim]
+// for prefill). Only one case's inputs live at a time (the largest cache is 512 MiB);
+// cases that share them run back to back.
+
+/// Where K and V of one call live: element (token j, kv head h, i) at
+/// k[j * token_stride + h * head_stride + i].
+struct KvView {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  std::ptrdiff_t token_stride = 0;
+  std::ptrdiff_t head_stride = 0;
+};
+
+struct Inputs {
+  std::string key;
+  std::vector<float> q, k, v;       // k, v: prefill only
+  std::vector<float> out;           // kvheads' output
+  std::vector<float> baseline_out;  // Eigen's output
+  std::unique_ptr<kvheads::KvCache<float>> cache;  // decode only
+
+  std::ptrdiff_t kv_token_stride = 0;              // prefill: kv_heads * head_dim
+
+  KvView view() const {
+    if (cache) return {cache->keys(), cache->values(), cache->token_stride(), cache->head_stride()};
+    return {k.data(), v.data(), kv_token_stride, kHeadDim};
+  }
+};
+
+Inputs& inputs_for(const Case& c) {
+  static Inputs current;
+  if (current.key == c.data_key()) return current;
+  current = Inputs{};  // release the previous case's memory first
+  const kvheads::HeadLayout layout = c.layout();
+  const std::size_t q_floats = std::size_t(c.q_len()) * std::size_t(layout.q_width());
+  current.q.resize(q_floats);
+  kvheads_bench::fill_random(current.q, 1);
+  current.out.assign(q_floats, 0.f);
+  current.baseline_out.assign(q_floats, 0.f);
+  const std::size_t kv_floats = std::size_t(c.kv_len()) * std::size_t(layout.kv_width());
+  if (c.kind == Kind::decode) {
+    current.cache = std::make_unique<kvheads::KvCache<float>>(layout, c.kv_len());
+    constexpr int kChunk = 256;
+    std::vector<float> k(std::size_t(kChunk) * std::size_t(layout.kv_width()));
+    std::vector<float> v(k.size());
+    for (int first = 0; first < c.kv_len(); first += kChunk) {
+      const int n = std::min(kChunk, c.kv_len() - first);
+      kvheads_bench::fill_random(k, 2 + 2 * std::uint64_t(first));
+      kvheads_bench::fill_random(v, 3 + 2 * std::uint64_t(first));
+      current.cache->append(k.data(), v.data(), n);
+    }
+  } else {
+    current.k.resize(kv_floats);
+    current.v.resize(kv_floats);
+    kvheads_bench::fill_random(current.k, 2);
+    kvheads_bench::fill_random(current.v, 3);
+  }
+  current.kv_token_stride = layout.kv_width();
+  current.key = c.data_key();
+  return current;
+}
+
+// ---------------------------------------------------------------------------------------
+// The two implementations
+
+kvheads::AttentionOptions options_for(const Case& c) {
+  kvheads::AttentionOptions options;
+  options.causal = c.causal();
+  options.threads = c.threads;
+  return options;
+}
+
+void run_kvheads(const Case& c, Inputs& in) {
+  const kvheads::AttentionOptions options = options_for(c);
+  if (c.kind == Kind::decode)
+    kvheads::attend(in.q.data(), c.q_len(), *in.cache, in.out.data(), options);
+  else
+    kvheads::attend(in.q.data(), in.k.data(), in.v.data(), in.out.data(), c.q_len(), c.kv_len(), c.layout(), options);
+}
+
+/// The naive way: per query head, S = scale * Q_h K_h^T as one Eigen GEMM (the whole
+/// q_len x kv_len matrix), causal mask, row softmax, O_h = P V_h; heads spread over the
+/// kvheads pool (Eigen itself is single-threaded without OpenMP). Q, K, V and O are
+/// mapped in place with strides, no copies; only the score matrices are allocated, once,
+/// outside the timed region.
+class EigenBaseline {
+ public:
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using ConstMap = Eigen::Map<const RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+  using Map = Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+  explicit EigenBaseline(const Case& c) : case_(c) {
+    const int workers = kvheads::detail::workers_for(kvheads::ThreadPool::global(), kQHeads, c.threads);
+    scores_.assign(std::size_t(workers), RowMatrix(c.q_len(), c.kv_len()));
+    sums_.assign(std::size_t(workers), Eigen::VectorXf(c.q_len()));
+  }
+
+  void run(const float* q, const KvView& kv, float* out) {
+    const kvheads::HeadLayout layout = case_.layout();
+    const int q_len = case_.q_len();
+    const int kv_len = case_.kv_len();
+    const int d = layout.head_dim;
+    const float scale = 1.0f / std::sqrt(float(d));
+    const std::ptrdiff_t first_pos = std::ptrdiff_t(kv_len) - q_len;
+    kvheads::detail::parallel_for(
+        kvheads::ThreadPool::global(), layout.q_heads, case_.threads, [&](std::ptrdiff_t h, int worker) {
+          const int kv_head = layout.kv_head_of(int(h));
+          const ConstMap q_h(q + h * d, q_len, d, Eigen::OuterStride<>(layout.q_width()));
+          const ConstMap k_h(kv.k + kv_head * kv.head_stride, kv_len, d, Eigen::OuterStride<>(kv.token_stride));
+          const ConstMap v_h(kv.v + kv_head * kv.head_stride, kv_len, d, Eigen::OuterStride<>(kv.token_stride));
+          RowMatrix& s = scores_[std::size_t(worker)];
+          Eigen::VectorXf& sums = sums_[std::size_t(worker)];
+          s.noalias() = scale * (q_h * k_h.transpose());
+          for (int i = 0; i < q_len; ++i) {
+            const Eigen::Index visible = case_.causal() ? Eigen::Index(first_pos + i + 1) : kv_len;
+            auto row = s.row(i);
+            const float max = row.head(visible).maxCoeff();
+            row.head(visible) = (row.head(visible).array() - max).exp().matrix();
+            row.tail(kv_len - visible).setZero();
+            sums(i) = row.head(visible).sum();
+          }
+          Map o_h(out + h * d, q_len, d, Eigen::OuterStride<>(layout.q_width()));
+          o_h.noalias() = s * v_h;
+          for (int i = 0; i < q_len; ++i) o_h.row(i) /= sums(i);
+        });
+  }
+
+ private:
+  Case case_;
+  std::vector<RowMatrix> scores_;     // per worker: [q_len][kv_len]
+  std::vector<Eigen::VectorXf> sums_;  // per worker: softmax denominators
+};
+
+// ---------------------------------------------------------------------------------------
+// Benchmarks
+
+/// Runs `call` once per (case, implementation) before timing: the first call creates
+/// the pool and per-thread scratch and faults in output pages, which no later call pays.
+template <class Call>
+void warm_up_once(const std::string& name, Call&& call) {
+  static std::set<std::string> warmed;
+  if (warmed.insert(name).second) call();
+}
+
+void finish(benchmark::State& state, const Case& c, const std::string& name, const Timing& timing, double check) {
+  const Work work = c.work();
+  kvheads_bench::set_counters(state, work, timing);
+  Result& result = kvheads_bench::results()[name];
+  result.work = work;
+  result.timing = timing;
+  result.check = check;
+}
+
+void bench_kvheads(benchmark::State& state, Case c) {
+  const std::string name = c.name() + "/kvheads";
+  Inputs& in = inputs_for(c);
+  warm_up_once(name, [&] { run_kvheads(c, in); });
+  const Timing timing = kvheads_bench::timed_loop(state, [&] { run_kvheads(c, in); });
+  finish(state, c, name, timing, std::numeric_limits<double>::quiet_NaN());
+  if (const Result* eigen = kvheads_bench::find_result(c.name() + "/eigen"))
+    state.counters["speedup_vs_eigen"] = eigen->timing.mean / timing.mean;
+}
+
+void bench_eigen(benchmark::State& state, Case c) {
+  const std::string name = c.name() + "/eigen";
+  Inputs& in = inputs_for(c);
+  EigenBaseline baseline(c);
+  const KvView kv = in.view();
+  warm_up_once(name, [&] { baseline.run(in.q.data(), kv, in.baseline_out.data()); });
+  const Timing timing =
+      kvheads_bench::timed_loop(state, [&] { baseline.run(in.q.data(), kv, in.baseline_out.data()); });
+  // Not timed: check the baseline computes what kvheads computes.
+  run_kvheads(c, in);
+  double max_diff = 0;
+  for (std::size_t i = 0; i < in.out.size(); ++i)
+    max_diff = std::max(max_diff, double(std::abs(in.out[i] - in.baseline_out[i])));
+  finish(state, c, name, timing, max_diff);
+  state.counters["max_abs_diff"] = max_diff;
+}
+
+void register_benchmarks(const std::vector<Case>& cases) {
+  for (const Case& c : cases) {
+    benchmark::RegisterBenchmark((c.name() + "/eigen").c_str(), bench_eigen, c)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark((c.name() + "/kvheads").c_str(), bench_kvheads, c)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Summary
+
+const char* verdict(bool ok) { return ok ? "PASS" : "FAIL"; }
+
+constexpr double kContendedUtilisation = 0.85;
+
+/// The kvheads run's CPU utilisation, starred when other processes took the cores.
+std::string utilisation(const Result* result, int threads, bool& contended) {
+  if (!result) return "-";
+  const double util = result->timing.cpu_utilisation(threads);
+  if (util >= kContendedUtilisation) return format(util, 2);
+  contended = true;
+  return format(util, 2) + "*";
+}
+
+Case with_threads(Case c, int threads) {
+  c.threads = threads;
+  return c;
+}
+
+void print_summary(std::FILE* out, const std::vector<Case>& cases) {
+  using kvheads_bench::find_result;
+  const kvheads_bench::MachineLimits& limits = kvheads_bench::machine_limits();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+
+  std::fprintf(out,
+               "\nSummary (ratios from this run; times are means per call; roofline = time / max(bytes / read "
+               "bandwidth, flops / FMA peak), 1.0 = at the machine's limit):\n");
+  kvheads_bench::Table table({"case", "kvheads ms", "eigen ms", "GB/s", "GFLOP/s", "roofline", "best-iter roofline",
+                              "% FMA peak", "vs eigen", "2t vs 1t", "cpu util", "max|diff|"});
+  bool contended = false;
+  for (const Case& c : cases) {
+    const Result* mine = find_result(c.name() + "/kvheads");
+    const Result* eigen = find_result(c.name() + "/eigen");
+    if (!mine && !eigen) continue;
+    const Work work = c.work();
+    const double t = mine ? mine->timing.mean : nan;
+    const double roofline = kvheads_bench::roofline_seconds(work);
+    const Result* one_thread = c.threads != 1 ? find_result(with_threads(c, 1).name() + "/kvheads") : nullptr;
+    table.add({c.name(), format(t * 1e3, 3), format(eigen ? eigen->timing.mean * 1e3 : nan, 3),
+               format(work.bytes / t / 1e9, 1), format(work.flops / t / 1e9, 1), format(t / roofline, 2),
+               format(mine ? mine->timing.best / roofline : nan, 2),
+               format(100.0 * work.flops / t / 1e9 / limits.fma_gflops(c.threads), 1),
+               format(eigen ? eigen->timing.mean / t : nan, 1),
+               format(one_thread ? one_thread->timing.mean / t : nan, 2), utilisation(mine, c.threads, contended),
+               eigen && !std::isnan(eigen->check) ? format(eigen->check, 7) : "-"});
+  }
+  table.print(out);
+  if (contended)
+    std::fprintf(out,
+                 "  * cpu util < %.2f: other processes held the cores during that run (load average now %s); its "
+                 "time measures the machine's load as much as the kernel.\n",
+                 kContendedUtilisation, kvheads_bench::load_average().c_str());
+
+  std::fprintf(out, "\nTargets (issue \"Fast kernels\", item 5):\n");
+  // Decode at 16384 within 1.25x of the roofline.
+  for (const Case& c : cases) {
+    if (c.kind != Kind::decode || c.len != 16384) continue;
+    const Result* mine = find_result(c.name() + "/kvheads");
+    if (!mine) continue;
+    const double ratio = mine->timing.mean / kvheads_bench::roofline_seconds(c.work());
+    std::fprintf(out, "  %-44s roofline %.2f  (target <= %.2f)  %s\n", c.name().c_str(), ratio, kDecodeRooflineTarget,
+                 verdict(ratio <= kDecodeRooflineTarget));
+  }
+  // Prefill 2048 GQA-8: fraction of the FMA peak on 1 thread, and 2-thread scaling.
+  const Case prefill1{Kind::prefill, 8, 2048, 1};
+  const Case prefill2{Kind::prefill, 8, 2048, 2};
+  if (const Result* one = find_result(prefill1.name() + "/kvheads")) {
+    const double fraction = prefill1.work().flops / one->timing.mean / 1e9 / limits.fma_gflops(1);
+    std::fprintf(out, "  %-44s %.1f%% of the 1-thread FMA peak  (target >= %.0f%%)  %s\n", prefill1.name().c_str(),
+                 100.0 * fraction, 100.0 * kPrefillPeakTarget, verdict(fraction >= kPrefillPeakTarget));
+    if (const Result* two = find_result(prefill2.name() + "/kvheads")) {
+      const double scaling = one->timing.mean / two->timing.mean;
+      std::fprintf(out, "  %-44s %.2fx faster on 2 threads than 1  (target >= %.1fx)  %s\n",
+                   prefill1.data_key().c_str(), scaling, kPrefillScalingTarget,
+                   verdict(scaling >= kPrefillScalingTarget));
+    }
+  }
+  // Every case at least 5x faster than the Eigen baseline.
+  int compared = 0;
+  std::vector<std::string> slow;
+  double worst = std::numeric_limits<double>::infinity();
+  std::string worst_name;
+  for (const Case& c : cases) {
+    const Result* mine = find_result(c.name() + "/kvheads");
+    const Result* eigen = find_result(c.name() + "/eigen");
+    if (!mine || !eigen) continue;
+    ++compared;
+    const double speedup = eigen->timing.mean / mine->timing.mean;
+    if (speedup < worst) worst = speedup, worst_name = c.name();
+    if (speedup < kEigenSpeedupTarget) slow.push_back(c.name() + " (" + format(speedup, 1) + "x)");
+  }
+  if (compared > 0) {
+    std::fprintf(out, "  every case >= %.0fx faster than Eigen: %d of %d; slowest %s at %.1fx  %s\n",
+                 kEigenSpeedupTarget, compared - int(slow.size()), compared, worst_name.c_str(), worst,
+                 verdict(slow.empty()));
+    for (const std::string& s : slow) std::fprintf(out, "      below target: %s\n", s.c_str());
+  }
+  // Decode at 16384: MHA / GQA-8 time ratio against the bytes ratio.
+  for (int threads : kThreadCounts) {
+    const Case mha{Kind::decode, kQHeads, 16384, threads};
+    const Case gqa{Kind::decode, 8, 16384, threads};
+    const Result* a = find_result(mha.name() + "/kvheads");
+    const Result* b = find_result(gqa.name() + "/kvheads");
+    if (!a || !b) continue;
+    const double time_ratio = a->timing.mean / b->timing.mean;
+    const double bytes_ratio = mha.work().bytes / gqa.work().bytes;
+    std::fprintf(out,
+                 "  decode/kv_len:16384 MHA / GQA-8, threads:%d     time ratio %.2f vs bytes ratio %.2f = %.2f  "
+                 "(target >= %.1f)  %s\n",
+                 threads, time_ratio, bytes_ratio, time_ratio / bytes_ratio, kGqaBytesRatioTarget,
+                 verdict(time_ratio >= kGqaBytesRatioTarget * bytes_ratio));
+  }
+  std::fflush(out);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::FILE* text = kvheads_bench::text_stream(argc, argv);
+  const bool listing = kvheads_bench::listing_only(argc, argv);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+
+  const std::vector<Case> cases = all_cases();
+  register_benchmarks(cases);
+
+  std::vector<std::size_t> working_sets;
+  for (const Case& c : cases) working_sets.push_back(c.work().working_set);
+  const std::vector<int> thread_counts(std::begin(kThreadCounts), std::end(kThreadCounts));
+  if (!listing) {
+    kvheads_bench::MachineLimits& limits = kvheads_bench::machine_limits();
+    limits.measure(working_sets, thread_counts);
+    limits.print(text);
+    limits.add_context();
+    const std::string load = kvheads_bench::load_average();
+    if (!load.empty()) {
+      std::fprintf(text, "  load average (1 min): %s\n", load.c_str());
+      benchmark::AddCustomContext("load_average_at_start", load);
+    }
+    std::fprintf(text, "\n");
+    std::fflush(text);
+  }
+
+  benchmark::RunSpecifiedBenchmarks();
+  if (!listing) {
+    print_summary(text, cases);
+    // The limits again: if they moved, the machine's load changed during the run and the
+    // ratios above carry that uncertainty.
+    kvheads_bench::MachineLimits after;
+    after.measure(working_sets, thread_counts);
+    std::fprintf(text, "\n");
+    after.print(text, "Drift check: the limits measured again after the benchmarks");
+    std::fprintf(text, "  load average (1 min): %s\n", kvheads_bench::load_average().c_str());
+  }
+  benchmark::Shutdown();
+  return 0;
+}
