@@ -1,7 +1,9 @@
 #pragma once
 // Kernel-level entry points (no projections): attention over plain memory and over a
 // KvCache. Arguments are checked here, at the public boundary; the kernels carry no checks.
+#include <algorithm>
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 #include "kvheads/core/check.hpp"
@@ -38,6 +40,7 @@ void resolve_options(AttendArgs<KvT>& args, const AttentionOptions& options) {
   args.window = options.window;
   args.alibi_slopes = options.alibi ? alibi_slopes_for(args.layout.q_heads) : nullptr;
   args.threads = options.threads;
+  args.sinks = options.sinks;
 }
 
 inline void check_lengths(int q_len, int kv_len) {
@@ -68,6 +71,9 @@ inline AttendArgs<float> plain_args(const float* q, const float* k, const float*
   args.q_len = q_len;
   args.kv_len = kv_len;
   args.first_query_pos = std::ptrdiff_t(kv_len) - q_len;
+  args.first_key_position = 0;
+  args.segments[0] = KeySegment{0, kv_len, 0};
+  args.segment_count = 1;
   args.lse = lse;
   resolve_options(args, options);
   return args;
@@ -95,11 +101,34 @@ AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, flo
   args.v = cache.values();
   args.kv_token_stride = cache.token_stride();
   args.kv_head_stride = cache.head_stride();
+  args.k_scales = cache.key_scales();
+  args.v_scales = cache.value_scales();
+  args.scale_head_stride = cache.capacity();
   args.q_len = q_len;
   args.kv_len = cache.size();
-  args.first_query_pos = std::ptrdiff_t(cache.size()) - q_len;
+  args.first_key_position = std::ptrdiff_t(cache.first_position());
+  args.first_query_pos = std::ptrdiff_t(cache.position()) - q_len;
   args.lse = lse;
   resolve_options(args, options);
+  if (!cache.is_ring()) {
+    args.segments[0] = KeySegment{args.first_key_position, args.kv_len, args.first_key_position};
+    args.segment_count = 1;
+    return args;
+  }
+  // A ring attends with its window (or a narrower one the caller asks for), and every
+  // key a query may see must still be in the ring.
+  args.window = options.window > 0 ? std::min(options.window, cache.window()) : cache.window();
+  const std::ptrdiff_t oldest_needed = std::max<std::ptrdiff_t>(0, args.first_query_pos - args.window + 1);
+  if (q_len > 0 && oldest_needed < args.first_key_position)
+    throw_invalid("q_len (", q_len, ") is too many queries for a ring cache of capacity ", cache.capacity(),
+                  " and window ", args.window, ": at most ", cache.capacity() - args.window + 1,
+                  " (make the ring with more max_queries)");
+  const std::ptrdiff_t capacity = cache.capacity();
+  const std::ptrdiff_t first_slot = args.first_key_position % capacity;
+  const std::ptrdiff_t before_wrap = std::min(args.kv_len, capacity - first_slot);
+  args.segments[0] = KeySegment{args.first_key_position, before_wrap, first_slot};
+  args.segments[1] = KeySegment{args.first_key_position + before_wrap, args.kv_len - before_wrap, 0};
+  args.segment_count = before_wrap < args.kv_len ? 2 : 1;
   return args;
 }
 
@@ -112,6 +141,14 @@ template <class Isa>
 void attend(const float* q, const float* k, const float* v, float* out, int q_len, int kv_len, HeadLayout layout,
             const AttentionOptions& options = {}, float* lse = nullptr) {
   detail::dispatch_fused<Isa>(detail::plain_args(q, k, v, out, q_len, kv_len, layout, options, lse));
+}
+
+/// Attention over plain memory that also returns each query row's log-sum-exp,
+/// lse [q_len][q_heads] (-inf for a row that sees no key; includes sinks when given),
+/// so partial results over disjoint keys can be combined with merge().
+inline void attend(const float* q, const float* k, const float* v, float* out, int q_len, int kv_len,
+                   HeadLayout layout, const AttentionOptions& options, float* lse) {
+  attend<simd::default_isa>(q, k, v, out, q_len, kv_len, layout, options, lse);
 }
 
 /// Attention over plain memory (stable entry point):
@@ -135,6 +172,73 @@ void attend(const float* q, int q_len, const KvCache<T>& cache, float* out, cons
 template <class T>
 void attend(const float* q, int q_len, const KvCache<T>& cache, float* out, const AttentionOptions& options = {}) {
   attend<simd::default_isa, T>(q, q_len, cache, out, options);
+}
+
+/// Cache attention that also returns lse [q_len][q_heads] (see the plain overload).
+template <class T>
+void attend(const float* q, int q_len, const KvCache<T>& cache, float* out, const AttentionOptions& options,
+            float* lse) {
+  attend<simd::default_isa, T>(q, q_len, cache, out, options, lse);
+}
+
+/// One sequence of a batched attend(): its queries, its cache, its output.
+template <class T>
+struct AttendItem {
+  const float* q = nullptr;  // [q_len][q_heads][head_dim], at the cache's last q_len positions
+  int q_len = 0;
+  const KvCache<T>* cache = nullptr;
+  float* out = nullptr;  // like q
+  float* lse = nullptr;  // optional [q_len][q_heads]
+};
+
+/// Attends a batch of sequences, each against its own cache of its own length (ragged),
+/// in one pass over the thread pool: work is split across the whole batch, so short
+/// sequences do not leave cores idle. Every cache must share one layout.
+template <class Isa, class T>
+void attend(const AttendItem<T>* items, std::size_t count, const AttentionOptions& options = {}) {
+  if (count > 0) detail::require_pointer(items, (long long)count, "items");
+  thread_local std::vector<detail::AttendArgs<T>> batch;  // reused: no allocation per call
+  batch.clear();
+  for (std::size_t i = 0; i < count; ++i) {
+    if (items[i].cache == nullptr) detail::throw_invalid("items[", i, "].cache is null (expected a cache)");
+    if (i > 0 && items[i].cache->layout() != items[0].cache->layout())
+      detail::throw_invalid("items[", i, "].cache has layout (", items[i].cache->layout().q_heads, ", ",
+                            items[i].cache->layout().kv_heads, ", ", items[i].cache->layout().head_dim,
+                            ") but items[0] has (", items[0].cache->layout().q_heads, ", ",
+                            items[0].cache->layout().kv_heads, ", ", items[0].cache->layout().head_dim,
+                            "): a batch shares one layout");
+    batch.push_back(detail::cache_args(items[i].q, items[i].q_len, *items[i].cache, items[i].out, options, items[i].lse));
+  }
+  detail::dispatch_fused<Isa>(batch.data(), std::ptrdiff_t(batch.size()));
+}
+
+template <class T>
+void attend(const AttendItem<T>* items, std::size_t count, const AttentionOptions& options = {}) {
+  attend<simd::default_isa, T>(items, count, options);
+}
+
+template <class T>
+void attend(const std::vector<AttendItem<T>>& items, const AttentionOptions& options = {}) {
+  attend<simd::default_isa, T>(items.data(), items.size(), options);
+}
+
+/// Combines two partial attentions of the same q_len queries over disjoint key sets
+/// (e.g. the two halves of a context, or shards on two machines), exactly:
+/// out = (e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b) per row. out/lse may alias
+/// the a or b arrays. out_*: [q_len][q_heads][head_dim]; lse_*: [q_len][q_heads].
+inline void merge(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b, float* out,
+                  float* lse, int q_len, HeadLayout layout) {
+  layout.validate();
+  if (q_len < 0) detail::throw_invalid("q_len (", q_len, ") must be >= 0");
+  for (const auto& [pointer, name] : {std::pair<const void*, const char*>{out_a, "out_a"}, {lse_a, "lse_a"},
+                                      {out_b, "out_b"}, {lse_b, "lse_b"}, {out, "out"}, {lse, "lse"}})
+    detail::require_pointer(pointer, q_len, name);
+  const std::ptrdiff_t rows = std::ptrdiff_t(q_len) * layout.q_heads;
+  for (std::ptrdiff_t row = 0; row < rows; ++row) {
+    const std::ptrdiff_t offset = row * layout.head_dim;
+    lse[row] = detail::merge_partial(out_a + offset, lse_a[row], out_b + offset, lse_b[row], out + offset,
+                                     layout.head_dim);
+  }
 }
 
 }  // namespace kvheads

@@ -2,89 +2,290 @@
 // KvCache<T>: one cache type for every head configuration. Keys and values live in
 // separate planes laid out [kv_heads][capacity][head_dim], so one KV head's keys are
 // contiguous and decode streams them front to back.
+//
+// T is the storage type: float, bf16, fp16 (round-to-nearest-even on store) or
+// std::int8_t (symmetric, one scale per token and KV head). Accumulation is always fp32.
+// A cache is either linear (tokens fill slots 0..capacity-1, optionally growing) or a
+// sliding-window ring (slot = position % capacity; old tokens are overwritten).
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kvheads/core/check.hpp"
 #include "kvheads/head_layout.hpp"
+#include "kvheads/storage_types.hpp"
 
 namespace kvheads {
 
+/// How a cache keeps its tokens (all off: a fixed-capacity linear cache).
+struct CacheOptions {
+  /// > 0: a ring that keeps only the newest tokens for sliding-window attention over
+  /// `window` tokens; its capacity (>= window) also bounds how many queries one call may
+  /// attend with (capacity - window + 1). Appends never fail for being full.
+  int window = 0;
+  /// Linear caches only: append past capacity grows the storage instead of throwing.
+  bool growable = false;
+};
+
+namespace detail {
+
+/// How one storage type stores a row of head_dim floats and reads it back.
+template <class T>
+struct KvStorage;
+
+template <>
+struct KvStorage<float> {
+  static constexpr bool scaled = false;
+  static void store(const float* src, float* dst, float*, int n) { std::copy_n(src, n, dst); }
+  static float load(float x, float) { return x; }
+};
+
+template <>
+struct KvStorage<bf16> {
+  static constexpr bool scaled = false;
+  static void store(const float* src, bf16* dst, float*, int n) {
+    for (int i = 0; i < n; ++i) dst[i] = bf16::from_float(src[i]);
+  }
+  static float load(bf16 x, float) { return x.to_float(); }
+};
+
+template <>
+struct KvStorage<fp16> {
+  static constexpr bool scaled = false;
+  static void store(const float* src, fp16* dst, float*, int n) {
+    for (int i = 0; i < n; ++i) dst[i] = fp16::from_float(src[i]);
+  }
+  static float load(fp16 x, float) { return x.to_float(); }
+};
+
+/// Symmetric int8: x ~ q * scale with scale = max|x| / 127 for the row (one token of one
+/// KV head), q = round-to-nearest-even(x / scale) in [-127, 127]. Non-finite rows store
+/// scale NaN so attention over them yields NaN as the float cache would.
+template <>
+struct KvStorage<std::int8_t> {
+  static constexpr bool scaled = true;
+  static void store(const float* src, std::int8_t* dst, float* scale, int n) {
+    float max = 0.f;
+    bool finite = true;
+    for (int i = 0; i < n; ++i) {
+      finite = finite && std::isfinite(src[i]);
+      max = std::fmax(max, std::fabs(src[i]));
+    }
+    if (!finite) {
+      std::fill_n(dst, n, std::int8_t{0});
+      *scale = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+    *scale = max / 127.f;
+    const float inverse = max > 0.f ? 127.f / max : 0.f;
+    for (int i = 0; i < n; ++i) dst[i] = std::int8_t(std::clamp(std::nearbyint(src[i] * inverse), -127.f, 127.f));
+  }
+  static float load(std::int8_t x, float scale) { return float(x) * scale; }
+};
+
+}  // namespace detail
+
 /// Cache of the keys and values of the tokens seen so far, for one attention layer.
-/// T is the storage type (float here). Accumulation is always fp32.
 template <class T>
 class KvCache {
  public:
-  /// Room for `capacity` tokens of `layout.kv_heads` heads (throws std::invalid_argument
-  /// on an invalid layout or capacity <= 0).
-  KvCache(HeadLayout layout, int capacity) : layout_(checked(layout, capacity)), capacity_(capacity) {
-    const std::size_t elements = std::size_t(layout_.kv_heads) * std::size_t(capacity_) * std::size_t(layout_.head_dim);
-    keys_.assign(elements, T{});
-    values_.assign(elements, T{});
+  using Storage = T;
+
+  /// A linear cache with room for `capacity` tokens of `layout.kv_heads` heads (throws
+  /// std::invalid_argument on an invalid layout or capacity <= 0).
+  KvCache(HeadLayout layout, int capacity) : KvCache(layout, capacity, CacheOptions{}) {}
+
+  /// A cache with options: options.window > 0 makes a sliding-window ring of `capacity`
+  /// slots (capacity >= window), options.growable a linear cache that grows on append.
+  KvCache(HeadLayout layout, int capacity, CacheOptions options)
+      : layout_(checked(layout, capacity, options)), options_(options) {
+    // Asserted here rather than on the class so that overload resolution may name
+    // KvCache<Other> without a hard error.
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16> ||
+                      std::is_same_v<T, std::int8_t>,
+                  "KvCache stores float, bf16, fp16 or std::int8_t");
+    allocate(capacity);
   }
 
-  /// Appends n_tokens tokens; k, v: [n_tokens][kv_heads][head_dim]. When they do not fit,
-  /// throws std::length_error and leaves the cache exactly as it was.
+  /// A ring for sliding-window attention over `window` tokens that can serve up to
+  /// `max_queries` queries per call (capacity = window + max_queries - 1).
+  static KvCache ring(HeadLayout layout, int window, int max_queries = 1) {
+    if (max_queries <= 0) detail::throw_invalid("max_queries (", max_queries, ") must be positive");
+    if (window <= 0) detail::throw_invalid("ring window (", window, ") must be positive");
+    CacheOptions options;
+    options.window = window;
+    return KvCache(layout, window + max_queries - 1, options);
+  }
+
+  /// Appends n_tokens tokens; k, v: [n_tokens][kv_heads][head_dim]. A linear cache that is
+  /// not growable throws std::length_error when they do not fit, leaving the cache exactly
+  /// as it was; a ring overwrites its oldest tokens.
   void append(const float* k, const float* v, int n_tokens) {
     if (n_tokens < 0) detail::throw_invalid("n_tokens (", n_tokens, ") must be >= 0");
     detail::require_pointer(k, n_tokens, "k");
     detail::require_pointer(v, n_tokens, "v");
-    if (n_tokens > capacity_ - size_)
-      detail::throw_length("cannot append ", n_tokens, " tokens to a cache holding ", size_, " of ", capacity_,
-                           " (capacity exceeded)");
-    const int head_dim = layout_.head_dim;
-    for (int t = 0; t < n_tokens; ++t)
+    if (!is_ring() && n_tokens > capacity_ - size_) {
+      if (!options_.growable)
+        detail::throw_length("cannot append ", n_tokens, " tokens to a cache holding ", size_, " of ", capacity_,
+                             " (capacity exceeded)");
+      reserve(std::max(std::int64_t(size_) + n_tokens, 2 * std::int64_t(capacity_)));
+    }
+    // A ring only needs the newest `capacity` of the appended tokens.
+    const int skip = is_ring() ? std::max(0, n_tokens - capacity_) : 0;
+    for (int t = skip; t < n_tokens; ++t) {
+      const std::int64_t position = position_ + t;
+      const int slot = is_ring() ? int(position % capacity_) : int(position);
       for (int h = 0; h < layout_.kv_heads; ++h) {
-        const std::ptrdiff_t src = (std::ptrdiff_t(t) * layout_.kv_heads + h) * head_dim;
-        const std::ptrdiff_t dst = offset(h, size_ + t);
-        for (int d = 0; d < head_dim; ++d) {
-          keys_[std::size_t(dst + d)] = T(k[src + d]);
-          values_[std::size_t(dst + d)] = T(v[src + d]);
-        }
+        const std::ptrdiff_t src = (std::ptrdiff_t(t) * layout_.kv_heads + h) * layout_.head_dim;
+        const std::ptrdiff_t row = std::ptrdiff_t(h) * capacity_ + slot;
+        detail::KvStorage<T>::store(k + src, keys_.data() + row * layout_.head_dim, scale_at(key_scales_, row),
+                                    layout_.head_dim);
+        detail::KvStorage<T>::store(v + src, values_.data() + row * layout_.head_dim, scale_at(value_scales_, row),
+                                    layout_.head_dim);
       }
-    size_ += n_tokens;
+    }
+    position_ += n_tokens;
+    size_ = int(std::min<std::int64_t>(capacity_, std::int64_t(size_) + n_tokens));
+  }
+
+  /// Drops the newest `n_tokens` tokens (e.g. rejected speculative tokens); throws
+  /// std::invalid_argument, cache unchanged, unless 0 <= n_tokens <= size().
+  void drop_last(int n_tokens) {
+    if (n_tokens < 0 || n_tokens > size_)
+      detail::throw_invalid("cannot drop ", n_tokens, " tokens from a cache holding ", size_,
+                            " (expected 0 <= n_tokens <= size)");
+    size_ -= n_tokens;
+    position_ -= n_tokens;
+  }
+
+  /// Keeps the oldest `new_size` of the cached tokens (drop_last(size() - new_size)).
+  void truncate(int new_size) {
+    if (new_size < 0 || new_size > size_)
+      detail::throw_invalid("cannot truncate a cache holding ", size_, " tokens to ", new_size,
+                            " (expected 0 <= new_size <= size)");
+    drop_last(size_ - new_size);
+  }
+
+  /// Linear caches: makes room for at least `capacity` tokens, keeping every cached token
+  /// (std::invalid_argument for a ring or a capacity above INT_MAX).
+  void reserve(std::int64_t capacity) {
+    if (is_ring()) detail::throw_invalid("a ring cache (window ", options_.window, ") cannot be resized");
+    if (capacity > std::int64_t(std::numeric_limits<int>::max()))
+      detail::throw_invalid("cache capacity (", capacity, ") must be at most ", std::numeric_limits<int>::max());
+    if (capacity <= capacity_) return;
+    KvCache grown(layout_, int(capacity), options_);
+    for (int h = 0; h < layout_.kv_heads; ++h) {
+      const std::ptrdiff_t from = std::ptrdiff_t(h) * capacity_, to = std::ptrdiff_t(h) * grown.capacity_;
+      std::copy_n(keys_.data() + from * layout_.head_dim, std::ptrdiff_t(size_) * layout_.head_dim,
+                  grown.keys_.data() + to * layout_.head_dim);
+      std::copy_n(values_.data() + from * layout_.head_dim, std::ptrdiff_t(size_) * layout_.head_dim,
+                  grown.values_.data() + to * layout_.head_dim);
+      if (detail::KvStorage<T>::scaled) {
+        std::copy_n(key_scales_.data() + from, size_, grown.key_scales_.data() + to);
+        std::copy_n(value_scales_.data() + from, size_, grown.value_scales_.data() + to);
+      }
+    }
+    grown.size_ = size_;
+    grown.position_ = position_;
+    *this = std::move(grown);
   }
 
   /// Tokens currently cached.
   int size() const { return size_; }
-  /// Absolute position the next appended token gets (= tokens appended since the last
-  /// clear()); rotary embeddings and ALiBi use it.
-  std::int64_t position() const { return size_; }
   /// Tokens the cache can hold.
   int capacity() const { return capacity_; }
-  /// Bytes of K and V storage held (both planes, the whole capacity).
-  std::size_t bytes() const { return (keys_.size() + values_.size()) * sizeof(T); }
-  /// Bytes one cached token occupies: 2 * kv_heads * head_dim * sizeof(T).
-  std::size_t bytes_per_token() const { return 2 * std::size_t(layout_.kv_width()) * sizeof(T); }
-  /// Forgets every token (capacity and storage stay).
-  void clear() { size_ = 0; }
+  /// Absolute position the next appended token gets (tokens appended since the last
+  /// clear(), less those dropped); rotary embeddings and ALiBi use it.
+  std::int64_t position() const { return position_; }
+  /// Absolute position of the oldest cached token.
+  std::int64_t first_position() const { return position_ - size_; }
+  /// Bytes of K and V storage held (both planes and their scales, the whole capacity).
+  std::size_t bytes() const {
+    return (keys_.size() + values_.size()) * sizeof(T) + (key_scales_.size() + value_scales_.size()) * sizeof(float);
+  }
+  /// Bytes one cached token occupies: 2 * kv_heads * (head_dim * sizeof(T) + scale).
+  std::size_t bytes_per_token() const {
+    return 2 * std::size_t(layout_.kv_heads) *
+           (std::size_t(layout_.head_dim) * sizeof(T) + (detail::KvStorage<T>::scaled ? sizeof(float) : 0));
+  }
+  /// Forgets every token (capacity and storage stay; positions restart at 0).
+  void clear() {
+    size_ = 0;
+    position_ = 0;
+  }
   const HeadLayout& layout() const { return layout_; }
+  const CacheOptions& options() const { return options_; }
+  bool is_ring() const { return options_.window > 0; }
+  /// The ring's attention window (0 for a linear cache).
+  int window() const { return options_.window; }
 
   /// Key plane [kv_heads][capacity][head_dim].
   const T* keys() const { return keys_.data(); }
   /// Value plane [kv_heads][capacity][head_dim].
   const T* values() const { return values_.data(); }
-  /// Elements between consecutive tokens of one head, and between heads.
+  /// int8 storage: per-row scales [kv_heads][capacity] (null for other types).
+  const float* key_scales() const { return key_scales_.empty() ? nullptr : key_scales_.data(); }
+  const float* value_scales() const { return value_scales_.empty() ? nullptr : value_scales_.data(); }
+  /// Elements between consecutive slots of one head, and between heads.
   std::ptrdiff_t token_stride() const { return layout_.head_dim; }
   std::ptrdiff_t head_stride() const { return std::ptrdiff_t(capacity_) * layout_.head_dim; }
+  /// Memory slot of the token at absolute `position` (which must be cached).
+  int slot_of(std::int64_t position) const { return is_ring() ? int(position % capacity_) : int(position); }
+
+  /// The cached token at `position` of `kv_head`, read back as floats (dequantised).
+  void read_token(std::int64_t position, int kv_head, float* k, float* v) const {
+    if (position < first_position() || position >= position_)
+      detail::throw_invalid("position (", position, ") is not cached (cached: ", first_position(), " to ",
+                            position_ - 1, ")");
+    if (kv_head < 0 || kv_head >= layout_.kv_heads)
+      detail::throw_invalid("kv_head (", kv_head, ") must be in [0, ", layout_.kv_heads, ")");
+    const std::ptrdiff_t row = std::ptrdiff_t(kv_head) * capacity_ + slot_of(position);
+    const float key_scale = key_scales_.empty() ? 1.f : key_scales_[std::size_t(row)];
+    const float value_scale = value_scales_.empty() ? 1.f : value_scales_[std::size_t(row)];
+    for (int d = 0; d < layout_.head_dim; ++d) {
+      k[d] = detail::KvStorage<T>::load(keys_[std::size_t(row * layout_.head_dim + d)], key_scale);
+      v[d] = detail::KvStorage<T>::load(values_[std::size_t(row * layout_.head_dim + d)], value_scale);
+    }
+  }
 
  private:
-  static HeadLayout checked(HeadLayout layout, int capacity) {
+  static HeadLayout checked(HeadLayout layout, int capacity, const CacheOptions& options) {
     layout.validate();
     if (capacity <= 0) detail::throw_invalid("cache capacity (", capacity, ") must be positive");
+    if (options.window < 0) detail::throw_invalid("cache window (", options.window, ") must be >= 0 (0 = linear)");
+    if (options.window > capacity)
+      detail::throw_invalid("cache window (", options.window, ") must not exceed its capacity (", capacity, ")");
+    if (options.window > 0 && options.growable)
+      detail::throw_invalid("a ring cache (window ", options.window, ") cannot be growable");
     return layout;
   }
-  std::ptrdiff_t offset(int head, int token) const {
-    return std::ptrdiff_t(head) * head_stride() + std::ptrdiff_t(token) * token_stride();
+  void allocate(int capacity) {
+    capacity_ = capacity;
+    const std::size_t rows = std::size_t(layout_.kv_heads) * std::size_t(capacity);
+    keys_.assign(rows * std::size_t(layout_.head_dim), T{});
+    values_.assign(rows * std::size_t(layout_.head_dim), T{});
+    if (detail::KvStorage<T>::scaled) {
+      key_scales_.assign(rows, 0.f);
+      value_scales_.assign(rows, 0.f);
+    }
+  }
+  static float* scale_at(std::vector<float>& scales, std::ptrdiff_t row) {
+    return scales.empty() ? nullptr : scales.data() + row;
   }
 
   HeadLayout layout_;
+  CacheOptions options_;
   int capacity_ = 0;
   int size_ = 0;
+  std::int64_t position_ = 0;
   std::vector<T> keys_;
   std::vector<T> values_;
+  std::vector<float> key_scales_;
+  std::vector<float> value_scales_;
 };
 
 }  // namespace kvheads

@@ -15,6 +15,9 @@ struct AttentionOptions {
   bool alibi = false;
   float scale = 0.f;    // 0 = 1/sqrt(head_dim)
   int threads = 0;      // 0 = hardware concurrency
+  /// Optional per-query-head sink logits [q_heads] (gpt-oss, ONNX Runtime's head_sink):
+  /// each joins its head's softmax denominator without a value. Not owned.
+  const float* sinks = nullptr;
 
   /// Throws std::invalid_argument naming the bad option.
   void validate() const {

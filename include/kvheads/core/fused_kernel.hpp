@@ -16,18 +16,31 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kvheads/core/logits.hpp"
 #include "kvheads/core/parallel.hpp"
 #include "kvheads/core/softmax.hpp"
 #include "kvheads/head_layout.hpp"
+#include "kvheads/kv_cache.hpp"
 #include "kvheads/simd/simd.hpp"
+#include "kvheads/simd/widen.hpp"
 
 namespace kvheads::detail {
 
-/// One attend() call with its options resolved. K/V element (kv_head h, key j, i) lives at
-/// k[j * kv_token_stride + h * kv_head_stride + i]; key j sits at absolute position j.
+/// Keys at absolute positions [first_position, first_position + count) stored in memory
+/// slots [first_slot, first_slot + count). A plain buffer or a linear cache is one segment;
+/// a ring cache that has wrapped is two.
+struct KeySegment {
+  std::ptrdiff_t first_position = 0;
+  std::ptrdiff_t count = 0;
+  std::ptrdiff_t first_slot = 0;
+};
+
+/// One attend() call with its options resolved. K/V element (kv_head h, slot s, i) lives at
+/// k[s * kv_token_stride + h * kv_head_stride + i]. Keys occupy positions
+/// [first_key_position, first_key_position + kv_len), laid out by `segments`.
 template <class KvT>
 struct AttendArgs {
   const float* q = nullptr;
@@ -39,19 +52,62 @@ struct AttendArgs {
   std::ptrdiff_t out_token_stride = 0, out_head_stride = 0;
   float* lse = nullptr;  // optional [q_len][q_heads]
   std::ptrdiff_t q_len = 0, kv_len = 0;
-  std::ptrdiff_t first_query_pos = 0;  // absolute position of query row 0
+  std::ptrdiff_t first_query_pos = 0;     // absolute position of query row 0
+  std::ptrdiff_t first_key_position = 0;  // absolute position of the oldest key
+  KeySegment segments[2] = {};
+  int segment_count = 0;
   HeadLayout layout{};
   float scale = 1.f;
   float softcap = 0.f;
   bool causal = false;
   std::ptrdiff_t window = 0;
   const float* alibi_slopes = nullptr;  // [q_heads], or null when ALiBi is off
+  const float* sinks = nullptr;         // [q_heads] sink logits, or null
+  const float* k_scales = nullptr;      // int8 storage: [kv_heads][scale_head_stride] per-slot scales
+  const float* v_scales = nullptr;
+  std::ptrdiff_t scale_head_stride = 0;
   int threads = 0;
   ThreadPool* pool = nullptr;  // null: the global pool
+
+  /// One past the newest key's position.
+  std::ptrdiff_t key_end() const { return first_key_position + kv_len; }
 };
+
+/// Adds a sink logit to a normalised row: the sink joins the softmax denominator
+/// without a value, i.e. it is a partial result with log-sum-exp `sink` and output 0.
+inline void add_sink(float* row, float& lse, float sink, int head_dim) {
+  const float max = std::fmax(lse, sink);
+  const float row_weight = std::exp(lse - max);  // 0 when the row saw no key
+  const float sink_weight = std::exp(sink - max);
+  const float keep = row_weight / (row_weight + sink_weight);
+  for (int d = 0; d < head_dim; ++d) row[d] = keep != 0.f ? row[d] * keep : 0.f;
+  lse = max + std::log(row_weight + sink_weight);
+}
 
 /// Reads one stored K/V element as float (storage types add overloads).
 inline float kv_to_float(float x) { return x; }
+
+/// Widens `rows` stored rows of head_dim elements (times a per-row scale for int8) into
+/// fp32 rows of dim_padded floats, zero-padded. Whole vectors convert in registers
+/// through simd::widen; the tail goes element by element.
+template <class Isa, class KvT, class HeadDim>
+inline void widen_rows(const KvT* src, std::ptrdiff_t src_stride, int rows, HeadDim head_dim, const float* scales,
+                       float* dst, int dim_padded) {
+  const int full = head_dim.get() / Isa::width * Isa::width;
+  for (int r = 0; r < rows; ++r) {
+    const KvT* in = src + r * src_stride;
+    float* out = dst + std::ptrdiff_t(r) * dim_padded;
+    const float scale = scales ? scales[r] : 1.f;
+    const typename Isa::vec scale_vec = Isa::broadcast(scale);
+    for (int d = 0; d < full; d += Isa::width) {
+      typename Isa::vec x = simd::widen<Isa>(in + d);
+      if (scales) x = Isa::mul(x, scale_vec);
+      Isa::store(out + d, x);
+    }
+    for (int d = full; d < dim_padded; ++d)
+      out[d] = d < head_dim.get() ? KvStorage<KvT>::load(in[d], scales ? scale : 1.f) : 0.f;
+  }
+}
 
 /// A compile-time size, or a run-time one when the template argument is Dynamic.
 template <int Static>
@@ -228,7 +284,7 @@ class FusedTask {
     const int rows_padded = round_up(group_.get() * query_tile_, width);
     const std::size_t queries = std::size_t(std::max(head_dim_.get() * rows_padded, group_.get() * query_tile_ * dim_padded_));
     return queries + std::size_t(key_block) * rows_padded + std::size_t(group_.get() * query_tile_) * dim_padded_ +
-           std::size_t(rows_padded) * 8;
+           std::size_t(rows_padded) * 8 + (std::is_same_v<KvT, float> ? 0 : 2 * std::size_t(key_block) * dim_padded_);
   }
 
   /// Attends queries [first_query, first_query + queries) of kv_head to keys
@@ -254,6 +310,8 @@ class FusedTask {
     float* row_last = row_first + rows_padded;    // last visible key, relative to the block
     float* row_slope = row_last + rows_padded;
     float* row_bias = row_slope + rows_padded;    // (block start - query position)
+    float* k_stage = row_bias + rows_padded;       // widened K/V rows of a block (non-float storage)
+    float* v_stage = k_stage + std::ptrdiff_t(key_block) * dim_padded_;
 
     // Stage the scaled queries: transposed for the by-rows kernel, padded rows otherwise.
     for (int r = 0; r < rows_padded; ++r) {
@@ -280,18 +338,42 @@ class FusedTask {
     // Keys any row of the tile can see; blocks outside are skipped entirely.
     const std::ptrdiff_t first_pos = args_.first_query_pos + first_query;
     const std::ptrdiff_t last_pos = first_pos + queries - 1;
-    const KeyRange first_row = visible_keys(first_pos, args_.kv_len, args_.causal, args_.window);
-    const KeyRange last_row = visible_keys(last_pos, args_.kv_len, args_.causal, args_.window);
+    const KeyRange first_row = visible_keys(first_pos, args_.key_end(), args_.causal, args_.window);
+    const KeyRange last_row = visible_keys(last_pos, args_.key_end(), args_.causal, args_.window);
     const std::ptrdiff_t begin = std::max(key_begin, first_row.first);
     const std::ptrdiff_t end = std::min(key_end, last_row.last + 1);
     const bool masked = args_.causal || args_.window > 0;
 
     const KvT* k_head = args_.k + kv_head * args_.kv_head_stride;
     const KvT* v_head = args_.v + kv_head * args_.kv_head_stride;
-    for (std::ptrdiff_t block = begin; block < end; block += key_block) {
-      const int keys = int(std::min<std::ptrdiff_t>(key_block, end - block));
-      const KvT* k = k_head + block * args_.kv_token_stride;
-      const KvT* v = v_head + block * args_.kv_token_stride;
+    for (int segment = 0; segment < args_.segment_count; ++segment) {
+     const KeySegment& stored = args_.segments[segment];
+     const std::ptrdiff_t stored_end = std::min(end, stored.first_position + stored.count);
+     for (std::ptrdiff_t block = std::max(begin, stored.first_position); block < stored_end; block += key_block) {
+      // `block` is a key position; its slot in memory comes from the segment.
+      const int keys = int(std::min<std::ptrdiff_t>(key_block, stored_end - block));
+      const std::ptrdiff_t slot = stored.first_slot + (block - stored.first_position);
+      const KvT* k = k_head + slot * args_.kv_token_stride;
+      const KvT* v = v_head + slot * args_.kv_token_stride;
+      // Reduced-precision storage is widened once per block into L1 scratch, so the
+      // micro-kernels stay fp32 and memory traffic stays at the storage's size.
+      const float* k_rows;
+      const float* v_rows;
+      std::ptrdiff_t row_stride;
+      if constexpr (std::is_same_v<KvT, float>) {
+        k_rows = k;
+        v_rows = v;
+        row_stride = args_.kv_token_stride;
+      } else {
+        const std::ptrdiff_t scale_row = kv_head * args_.scale_head_stride + slot;
+        widen_rows<Isa>(k, args_.kv_token_stride, keys, head_dim_,
+                        args_.k_scales ? args_.k_scales + scale_row : nullptr, k_stage, dim_padded_);
+        widen_rows<Isa>(v, args_.kv_token_stride, keys, head_dim_,
+                        args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_);
+        k_rows = k_stage;
+        v_rows = v_stage;
+        row_stride = dim_padded_;
+      }
 
       // Logits of the block.
       if (by_dims) {
@@ -299,12 +381,12 @@ class FusedTask {
         for (; j + 4 <= keys; j += 4)
           for (int r = 0; r < rows; r += 4)
             qk_by_dims_any<Isa, 4>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
-                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim_, rows_padded,
+                                   k_rows + j * row_stride, row_stride, head_dim_, rows_padded,
                                    logits + std::ptrdiff_t(j) * rows_padded + r);
         for (; j < keys; ++j)
           for (int r = 0; r < rows; r += 4)
             qk_by_dims_any<Isa, 1>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
-                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim_, rows_padded,
+                                   k_rows + j * row_stride, row_stride, head_dim_, rows_padded,
                                    logits + std::ptrdiff_t(j) * rows_padded + r);
         for (int j2 = 0; j2 < keys; ++j2)  // padded lanes must hold finite values
           for (int r = rows; r < rows_padded; ++r) logits[std::ptrdiff_t(j2) * rows_padded + r] = 0.f;
@@ -314,12 +396,12 @@ class FusedTask {
         for (; j + 4 <= keys; j += 4)
           for (int rv = 0; rv < row_vecs; rv += 4)
             qk_by_rows_any<Isa, 4>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
-                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim,
+                                   k_rows + j * row_stride, row_stride, head_dim,
                                    logits + std::ptrdiff_t(j) * rows_padded + rv * width);
         for (; j < keys; ++j)
           for (int rv = 0; rv < row_vecs; rv += 4)
             qk_by_rows_any<Isa, 1>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
-                                   k + j * args_.kv_token_stride, args_.kv_token_stride, head_dim,
+                                   k_rows + j * row_stride, row_stride, head_dim,
                                    logits + std::ptrdiff_t(j) * rows_padded + rv * width);
       }
 
@@ -331,7 +413,7 @@ class FusedTask {
       if (block_needs_mask || args_.alibi_slopes) {
         for (int r = 0; r < rows_padded; ++r) {
           const std::ptrdiff_t position = first_pos + (r < rows ? r / group : 0);
-          const KeyRange range = visible_keys(position, args_.kv_len, args_.causal, args_.window);
+          const KeyRange range = visible_keys(position, args_.key_end(), args_.causal, args_.window);
           row_first[r] = float(std::clamp<std::ptrdiff_t>(range.first - block, 0, key_block));
           row_last[r] = float(std::clamp<std::ptrdiff_t>(range.last - block, -1, key_block));
           row_bias[r] = float(block - position);
@@ -350,8 +432,9 @@ class FusedTask {
       const int chunks = dim_padded_ / width;
       for (int r = 0; r < rows; r += 4)
         for (int c = 0; c < chunks; c += 4)
-          pv_any<Isa>(std::min(4, rows - r), std::min(4, chunks - c), logits + r, rows_padded, v,
-                      args_.kv_token_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_, dim_padded_);
+          pv_any<Isa>(std::min(4, rows - r), std::min(4, chunks - c), logits + r, rows_padded, v_rows,
+                      row_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_, dim_padded_);
+     }
     }
 
     // Normalise. A row that saw no key has sum 0 and outputs zeros, never NaN.
@@ -364,7 +447,8 @@ class FusedTask {
       const float inverse = sum > 0.f ? 1.f / sum : (sum == 0.f ? 0.f : sum);  // NaN stays NaN
       const float* row = acc + std::ptrdiff_t(r) * dim_padded_;
       for (int d = 0; d < head_dim; ++d) dst[d] = row[d] * inverse;
-      const float lse = sum > 0.f ? row_max[r] + std::log(sum) : (sum == 0.f ? neg_inf : sum);
+      float lse = sum > 0.f ? row_max[r] + std::log(sum) : (sum == 0.f ? neg_inf : sum);
+      if (!lse_rows && args_.sinks) add_sink(dst, lse, args_.sinks[q_head], head_dim);  // split rows get it after the merge
       if (lse_rows)
         lse_rows[r] = lse;
       else if (args_.lse)
@@ -437,125 +521,170 @@ class FusedTask {
 };
 
 // ---------------------------------------------------------------------------------------
-// The driver: cut the call into tasks, run them on the pool, merge key splits.
+// The driver: cut one call, or a batch of calls sharing a layout, into tasks, run them all
+// in one parallel_for, then merge key splits.
 
 template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
-void run_fused(const AttendArgs<KvT>& args) {
-  const HeadLayout& layout = args.layout;
+void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
+  if (item_count == 0) return;
+  const HeadLayout& layout = items[0].layout;
   const int group = layout.group_size();
   const int head_dim = layout.head_dim;
-  if (args.q_len == 0) return;
+  std::ptrdiff_t longest_queries = 1;
+  for (std::ptrdiff_t i = 0; i < item_count; ++i) longest_queries = std::max(longest_queries, items[i].q_len);
+  const int query_tile = int(std::clamp<std::ptrdiff_t>(Tiling<Isa>::target_rows / group, 1, longest_queries));
+  const std::ptrdiff_t rows_per_tile = std::ptrdiff_t(group) * query_tile;
 
-  const int query_tile = int(std::clamp<std::ptrdiff_t>(Tiling<Isa>::target_rows / group, 1, args.q_len));
-  const std::ptrdiff_t query_tiles = (args.q_len + query_tile - 1) / query_tile;
-  const std::ptrdiff_t base_tasks = std::ptrdiff_t(layout.kv_heads) * query_tiles;
-
-  ThreadPool& pool = args.pool ? *args.pool : ThreadPool::global();
-  const int workers = workers_for(pool, std::max<std::ptrdiff_t>(base_tasks, 1 << 20), args.threads);
+  // Plan: per item, its (kv head, query tile) tasks and how many key splits each gets.
+  struct Plan {
+    std::ptrdiff_t query_tiles, base_tasks, keys_per_split, first_task, first_partial;
+    int splits;
+  };
+  thread_local std::vector<Plan> plan_storage;  // reused: no allocation per call
+  plan_storage.assign(std::size_t(item_count), Plan{});
+  Plan* const plans = plan_storage.data();  // workers must see the caller's plans, not their own
+  std::ptrdiff_t all_base_tasks = 0;
+  for (std::ptrdiff_t i = 0; i < item_count; ++i) {
+    plans[i].query_tiles = (items[i].q_len + query_tile - 1) / query_tile;
+    plans[i].base_tasks = std::ptrdiff_t(layout.kv_heads) * plans[i].query_tiles;
+    all_base_tasks += plans[i].base_tasks;
+  }
+  ThreadPool& pool = items[0].pool ? *items[0].pool : ThreadPool::global();
+  const int threads = items[0].threads;
+  const int workers = workers_for(pool, std::ptrdiff_t(1) << 30, threads);
   // Too few (head, tile) tasks to fill every worker (decode, MQA): split the keys too,
   // each split at least min_split_keys long so the merge stays cheap.
   constexpr std::ptrdiff_t min_split_keys = 512;
-  int splits = 1;
-  if (base_tasks < 2 * workers) {
-    const std::ptrdiff_t wanted = (2 * workers + base_tasks - 1) / base_tasks;
-    splits = int(std::max<std::ptrdiff_t>(1, std::min(wanted, args.kv_len / min_split_keys)));
+  std::ptrdiff_t tasks = 0, partial_rows = 0;
+  for (std::ptrdiff_t i = 0; i < item_count; ++i) {
+    Plan& plan = plans[i];
+    plan.splits = 1;
+    if (all_base_tasks > 0 && all_base_tasks < 2 * workers) {
+      const std::ptrdiff_t wanted = (2 * workers + all_base_tasks - 1) / all_base_tasks;
+      plan.splits = int(std::max<std::ptrdiff_t>(1, std::min(wanted, items[i].kv_len / min_split_keys)));
+    }
+    plan.keys_per_split = (items[i].kv_len + plan.splits - 1) / plan.splits;
+    plan.first_task = tasks;
+    tasks += plan.base_tasks * plan.splits;
+    plan.first_partial = partial_rows;
+    if (plan.splits > 1) partial_rows += plan.base_tasks * plan.splits * rows_per_tile;
   }
-  const std::ptrdiff_t keys_per_split = (args.kv_len + splits - 1) / splits;
+  if (tasks == 0) return;
 
-  const FusedTask<Isa, HeadDimStatic, GroupStatic, KvT> task(args, query_tile);
-  const std::size_t scratch_floats = task.scratch_floats();
-  const std::ptrdiff_t rows_per_tile = std::ptrdiff_t(group) * query_tile;
-  // Split results: [task][split][rows][head_dim] and [task][split][rows].
-  float* partial_out = nullptr;
-  float* partial_lse = nullptr;
-  if (splits > 1) {
-    const std::size_t partial_rows = std::size_t(base_tasks) * splits * rows_per_tile;
-    partial_out = thread_scratch(partial_rows * (std::size_t(head_dim) + 1), 1);
-    partial_lse = partial_out + partial_rows * std::size_t(head_dim);
-  }
+  const FusedTask<Isa, HeadDimStatic, GroupStatic, KvT> sizing(items[0], query_tile);
+  const std::size_t scratch_floats = sizing.scratch_floats();
+  // Split results: per split task [rows][head_dim] and [rows].
+  float* partial_out = partial_rows > 0 ? thread_scratch(std::size_t(partial_rows) * (std::size_t(head_dim) + 1), 1) : nullptr;
+  float* partial_lse = partial_out ? partial_out + partial_rows * head_dim : nullptr;
 
-  auto tile_of = [&](std::ptrdiff_t base_task, int& kv_head, std::ptrdiff_t& first_query, int& queries) {
-    kv_head = int(base_task / query_tiles);
-    first_query = (base_task % query_tiles) * query_tile;
-    queries = int(std::min<std::ptrdiff_t>(query_tile, args.q_len - first_query));
+  auto item_of = [&](std::ptrdiff_t task) {  // plans are in task order
+    std::ptrdiff_t lo = 0, hi = item_count - 1;
+    while (lo < hi) {
+      const std::ptrdiff_t mid = (lo + hi + 1) / 2;
+      if (plans[mid].first_task <= task) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  };
+  struct Tile {
+    int kv_head, queries;
+    std::ptrdiff_t first_query;
+  };
+  auto tile_of = [&](const Plan& plan, const AttendArgs<KvT>& item, std::ptrdiff_t base_task) {
+    Tile tile;
+    tile.kv_head = int(base_task / plan.query_tiles);
+    tile.first_query = (base_task % plan.query_tiles) * query_tile;
+    tile.queries = int(std::min<std::ptrdiff_t>(query_tile, item.q_len - tile.first_query));
+    return tile;
   };
 
-  parallel_for(pool, base_tasks * splits, args.threads, [&](std::ptrdiff_t index, int) {
-    const std::ptrdiff_t base_task = index / splits;
-    const int split = int(index % splits);
-    int kv_head, queries;
-    std::ptrdiff_t first_query;
-    tile_of(base_task, kv_head, first_query, queries);
+  parallel_for(pool, tasks, threads, [&](std::ptrdiff_t task_index, int) {
+    const std::ptrdiff_t item_index = item_of(task_index);
+    const Plan& plan = plans[item_index];
+    const AttendArgs<KvT>& item = items[item_index];
+    const std::ptrdiff_t local = task_index - plan.first_task;
+    const std::ptrdiff_t base_task = local / plan.splits;
+    const int split = int(local % plan.splits);
+    const Tile tile = tile_of(plan, item, base_task);
+    const FusedTask<Isa, HeadDimStatic, GroupStatic, KvT> task(item, query_tile);
     float* scratch = thread_scratch(scratch_floats, 0);
-    const std::ptrdiff_t key_begin = split * keys_per_split;
-    const std::ptrdiff_t key_end = std::min(args.kv_len, key_begin + keys_per_split);
-    if (splits == 1) {
-      task.run(kv_head, first_query, queries, key_begin, key_end, scratch, nullptr, nullptr);
+    const std::ptrdiff_t key_begin = item.first_key_position + split * plan.keys_per_split;
+    const std::ptrdiff_t key_end = std::min(item.key_end(), key_begin + plan.keys_per_split);
+    if (plan.splits == 1) {
+      task.run(tile.kv_head, tile.first_query, tile.queries, key_begin, key_end, scratch, nullptr, nullptr);
     } else {
-      const std::ptrdiff_t slot = (base_task * splits + split) * rows_per_tile;
-      task.run(kv_head, first_query, queries, key_begin, key_end, scratch, partial_out + slot * head_dim,
-               partial_lse + slot);
+      const std::ptrdiff_t slot = plan.first_partial + local * rows_per_tile;
+      task.run(tile.kv_head, tile.first_query, tile.queries, key_begin, key_end, scratch,
+               partial_out + slot * head_dim, partial_lse + slot);
     }
   });
-  if (splits == 1) return;
+  if (partial_rows == 0) return;
 
   // Log-sum-exp merge of the key splits, row by row, into the output.
-  parallel_for(pool, base_tasks, args.threads, [&](std::ptrdiff_t base_task, int) {
-    int kv_head, queries;
-    std::ptrdiff_t first_query;
-    tile_of(base_task, kv_head, first_query, queries);
-    for (int r = 0; r < group * queries; ++r) {
-      const int query = r / group;
-      const int q_head = kv_head * group + r % group;
-      float* dst = args.out + (first_query + query) * args.out_token_stride + q_head * args.out_head_stride;
-      const std::ptrdiff_t first_slot = base_task * splits * rows_per_tile + r;
-      float lse = partial_lse[first_slot];
-      const float* first_row = partial_out + first_slot * head_dim;
-      for (int d = 0; d < head_dim; ++d) dst[d] = first_row[d];
-      for (int split = 1; split < splits; ++split) {
-        const std::ptrdiff_t slot = first_slot + std::ptrdiff_t(split) * rows_per_tile;
-        lse = merge_partial(dst, lse, partial_out + slot * head_dim, partial_lse[slot], dst, head_dim);
+  for (std::ptrdiff_t item_index = 0; item_index < item_count; ++item_index) {
+    const Plan& plan = plans[item_index];
+    const AttendArgs<KvT>& item = items[item_index];
+    if (plan.splits == 1) continue;
+    parallel_for(pool, plan.base_tasks, threads, [&](std::ptrdiff_t base_task, int) {
+      const Tile tile = tile_of(plan, item, base_task);
+      for (int r = 0; r < group * tile.queries; ++r) {
+        const std::ptrdiff_t query = tile.first_query + r / group;
+        const int q_head = tile.kv_head * group + r % group;
+        float* dst = item.out + query * item.out_token_stride + q_head * item.out_head_stride;
+        const std::ptrdiff_t first_slot = plan.first_partial + base_task * plan.splits * rows_per_tile + r;
+        float lse = partial_lse[first_slot];
+        std::copy_n(partial_out + first_slot * head_dim, head_dim, dst);
+        for (int split = 1; split < plan.splits; ++split) {
+          const std::ptrdiff_t slot = first_slot + std::ptrdiff_t(split) * rows_per_tile;
+          lse = merge_partial(dst, lse, partial_out + slot * head_dim, partial_lse[slot], dst, head_dim);
+        }
+        if (item.sinks) add_sink(dst, lse, item.sinks[q_head], head_dim);
+        if (item.lse) item.lse[query * layout.q_heads + q_head] = lse;
       }
-      if (args.lse) args.lse[(first_query + query) * layout.q_heads + q_head] = lse;
-    }
-  });
+    });
+  }
 }
 
 /// Run-time head_dim and group size to the compile-time instantiations of the common
-/// shapes; anything else runs the same kernel with run-time sizes.
+/// shapes; anything else runs the same kernel with run-time sizes. All items share a layout.
 template <class Isa, int HeadDimStatic, class KvT>
-void dispatch_group(const AttendArgs<KvT>& args) {
-  switch (args.layout.group_size()) {
-    case 1: return run_fused<Isa, HeadDimStatic, 1>(args);
-    case 2: return run_fused<Isa, HeadDimStatic, 2>(args);
-    case 4: return run_fused<Isa, HeadDimStatic, 4>(args);
-    case 8: return run_fused<Isa, HeadDimStatic, 8>(args);
-    case 16: return run_fused<Isa, HeadDimStatic, 16>(args);
-    default: return run_fused<Isa, HeadDimStatic, Dynamic>(args);
+void dispatch_group(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
+  switch (items[0].layout.group_size()) {
+    case 1: return run_fused_batch<Isa, HeadDimStatic, 1>(items, count);
+    case 2: return run_fused_batch<Isa, HeadDimStatic, 2>(items, count);
+    case 4: return run_fused_batch<Isa, HeadDimStatic, 4>(items, count);
+    case 8: return run_fused_batch<Isa, HeadDimStatic, 8>(items, count);
+    case 16: return run_fused_batch<Isa, HeadDimStatic, 16>(items, count);
+    default: return run_fused_batch<Isa, HeadDimStatic, Dynamic>(items, count);
+  }
+}
+
+template <class Isa, class KvT>
+void dispatch_fused(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
+  if (count == 0) return;
+  switch (items[0].layout.head_dim) {
+    case 64: return dispatch_group<Isa, 64>(items, count);
+    case 80: return dispatch_group<Isa, 80>(items, count);
+    case 96: return dispatch_group<Isa, 96>(items, count);
+    case 128: return dispatch_group<Isa, 128>(items, count);
+    case 256: return dispatch_group<Isa, 256>(items, count);
+    default: return dispatch_group<Isa, Dynamic>(items, count);
   }
 }
 
 template <class Isa, class KvT>
 void dispatch_fused(const AttendArgs<KvT>& args) {
-  switch (args.layout.head_dim) {
-    case 64: return dispatch_group<Isa, 64>(args);
-    case 80: return dispatch_group<Isa, 80>(args);
-    case 96: return dispatch_group<Isa, 96>(args);
-    case 128: return dispatch_group<Isa, 128>(args);
-    case 256: return dispatch_group<Isa, 256>(args);
-    default: return dispatch_group<Isa, Dynamic>(args);
-  }
+  dispatch_fused<Isa>(&args, 1);
 }
 
 /// Static sizes skip the run-time switch (Attention<T, QHeads, KvHeads, HeadDim>).
 template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
 void dispatch_fused_static(const AttendArgs<KvT>& args) {
   if constexpr (HeadDimStatic == Dynamic)
-    dispatch_fused<Isa>(args);
+    dispatch_fused<Isa>(&args, 1);
   else if constexpr (GroupStatic == Dynamic)
-    dispatch_group<Isa, HeadDimStatic>(args);
+    dispatch_group<Isa, HeadDimStatic>(&args, 1);
   else
-    run_fused<Isa, HeadDimStatic, GroupStatic>(args);
+    run_fused_batch<Isa, HeadDimStatic, GroupStatic>(&args, 1);
 }
 
 }  // namespace kvheads::detail

@@ -51,8 +51,12 @@ void reference_attend(HeadsView<const float> q, HeadsView<KvT> k, HeadsView<KvT>
         logits[std::size_t(j)] = s;
         if (!(s <= max)) max = s;  // also takes NaN, so it propagates
       }
+      // A sink logit joins the denominator without a value.
+      const bool has_sink = options.sinks != nullptr;
+      const double sink = has_sink ? double(options.sinks[h]) : 0.0;
+      if (has_sink && !(sink <= max)) max = sink;
       for (double& a : acc) a = 0;
-      double sum = 0;
+      double sum = has_sink ? std::exp(sink - max) : 0.0;
       for (std::ptrdiff_t j = range.first; j <= range.last; ++j) {
         const double p = std::exp(logits[std::size_t(j)] - max);
         sum += p;
@@ -63,8 +67,8 @@ void reference_attend(HeadsView<const float> q, HeadsView<KvT> k, HeadsView<KvT>
       const bool none_visible = range.first > range.last;
       for (int d = 0; d < head_dim; ++d) out_row[d] = none_visible ? 0.f : float(acc[std::size_t(d)] / sum);
       if (lse)
-        lse[i * layout.q_heads + h] =
-            none_visible ? -std::numeric_limits<float>::infinity() : float(max + std::log(sum));
+        lse[i * layout.q_heads + h] = none_visible && !has_sink ? -std::numeric_limits<float>::infinity()
+                                                                : float(max + std::log(sum));
     }
   }
 }

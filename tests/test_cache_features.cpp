@@ -1,0 +1,305 @@
+// The cache a serving engine needs and the variants modern models use: bf16/fp16/int8
+// storage, sliding-window rings, ragged batches, drop/truncate/grow, attention sinks,
+// and log-sum-exp outputs with an exact merge. All checked against the reference.
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+
+#include "test_support.hpp"
+
+using kvheads::AttentionOptions;
+using kvheads::HeadLayout;
+using kvheads::KvCache;
+using namespace kvheads_test;
+
+namespace {
+
+// The cache's contents read back as plain [tokens][kv_heads][head_dim] K and V.
+template <class T>
+std::pair<std::vector<float>, std::vector<float>> cached_kv(const KvCache<T>& cache) {
+  const HeadLayout& l = cache.layout();
+  std::vector<float> k(std::size_t(cache.size()) * std::size_t(l.kv_width())), v(k.size());
+  for (int t = 0; t < cache.size(); ++t)
+    for (int h = 0; h < l.kv_heads; ++h) {
+      const std::size_t offset = (std::size_t(t) * std::size_t(l.kv_heads) + std::size_t(h)) * std::size_t(l.head_dim);
+      cache.read_token(cache.first_position() + t, h, k.data() + offset, v.data() + offset);
+    }
+  return {k, v};
+}
+
+template <class T>
+const char* storage_name() {
+  if constexpr (std::is_same_v<T, kvheads::bf16>) return "bf16";
+  if constexpr (std::is_same_v<T, kvheads::fp16>) return "fp16";
+  if constexpr (std::is_same_v<T, std::int8_t>) return "int8";
+  return "float";
+}
+
+// Stated error of each storage type against the fp32 reference, relative to the
+// output's magnitude (random normal K/V; see README "Features").
+template <class T>
+double storage_tolerance() {
+  if constexpr (std::is_same_v<T, kvheads::bf16>) return 2e-2;
+  if constexpr (std::is_same_v<T, kvheads::fp16>) return 3e-3;
+  if constexpr (std::is_same_v<T, std::int8_t>) return 3e-2;
+  return tolerance;
+}
+
+template <class T, class Isa>
+void check_storage() {
+  for (int head_dim : {3, 17, 64, 128})
+    for (const HeadLayout& layout : {HeadLayout{4, 4, head_dim}, HeadLayout{8, 2, head_dim}, HeadLayout{8, 1, head_dim}})
+      for (auto [q_len, kv_len] : {std::pair{1, 17}, std::pair{17, 1000}, std::pair{1, 3000}})
+        for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
+          options.threads = 2;
+          INFO(describe(layout, q_len, kv_len, options) << " storage " << storage_name<T>() << " isa " << Isa::name);
+          const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim + q_len + kv_len));
+          KvCache<T> cache(layout, kv_len);
+          cache.append(p.k.data(), p.v.data(), kv_len);
+          std::vector<float> out(p.out_size());
+          kvheads::attend<Isa>(p.q.data(), q_len, cache, out.data(), options);
+          // Tight: against the reference on the values the cache actually holds.
+          const auto [k, v] = cached_kv(cache);
+          std::vector<float> rounded(p.out_size());
+          kvheads::reference_attend(p.q.data(), k.data(), v.data(), rounded.data(), q_len, kv_len, layout, options);
+          CHECK(relative_error(out, rounded) <= tolerance);
+          // Stated: against the fp32 reference.
+          CHECK(relative_error(out, p.reference(options)) <= storage_tolerance<T>());
+        }
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("bf16, fp16 and int8 caches match the reference on every ISA", "[cache][storage][isa]",
+                        kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  check_storage<kvheads::bf16, Isa>();
+  check_storage<kvheads::fp16, Isa>();
+  check_storage<std::int8_t, Isa>();
+}
+
+TEST_CASE("reduced-precision caches hold fewer bytes", "[cache][storage]") {
+  const HeadLayout layout{32, 8, 128};
+  const KvCache<float> f32(layout, 1024);
+  CHECK(KvCache<kvheads::bf16>(layout, 1024).bytes() * 2 == f32.bytes());
+  CHECK(KvCache<kvheads::fp16>(layout, 1024).bytes_per_token() * 2 == f32.bytes_per_token());
+  // int8: a quarter of the fp32 bytes plus one float scale per token and KV head.
+  CHECK(KvCache<std::int8_t>(layout, 1024).bytes_per_token() == f32.bytes_per_token() / 4 + 2 * 8 * sizeof(float));
+}
+
+TEST_CASE("a sliding-window ring equals a full cache with the same window over a long decode", "[cache][ring]") {
+  const int window = 37;
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 16}, HeadLayout{8, 2, 9}, HeadLayout{8, 1, 64}})
+    for (AttentionOptions options : option_sets()) {
+      options.window = window;  // the full cache needs it; the ring implies it
+      std::vector<float> sinks(std::size_t(layout.q_heads), 0.5f);
+      if (options.alibi) options.sinks = sinks.data();
+      INFO(describe(layout, 1, 5 * window, options));
+      const int steps = 5 * window;
+      const Problem p(layout, steps, steps, 77);
+      KvCache<float> full(layout, steps);
+      KvCache<float> ring = KvCache<float>::ring(layout, window);
+      CHECK(ring.capacity() == window);
+      for (int t = 0; t < steps; ++t) {
+        const std::ptrdiff_t offset = std::ptrdiff_t(t) * layout.kv_width();
+        full.append(p.k.data() + offset, p.v.data() + offset, 1);
+        ring.append(p.k.data() + offset, p.v.data() + offset, 1);
+        REQUIRE(ring.size() == std::min(t + 1, window));
+        REQUIRE(ring.position() == t + 1);
+        const float* q = p.q.data() + std::ptrdiff_t(t) * layout.q_width();
+        std::vector<float> a(std::size_t(layout.q_width())), b(a.size());
+        kvheads::attend(q, 1, full, a.data(), options);
+        AttentionOptions ring_options = options;
+        ring_options.window = 0;  // the ring brings its own window
+        kvheads::attend(q, 1, ring, b.data(), ring_options);
+        REQUIRE(relative_error(b, a) <= 1e-6);
+      }
+    }
+}
+
+TEST_CASE("a ring made for several queries per call serves chunked prefill", "[cache][ring]") {
+  const HeadLayout layout{8, 2, 16};
+  const int window = 20, chunk = 4, steps = 100;
+  const Problem p(layout, steps, steps, 3);
+  KvCache<float> full(layout, steps);
+  KvCache<float> ring = KvCache<float>::ring(layout, window, chunk);
+  AttentionOptions options;
+  options.window = window;
+  options.alibi = true;
+  for (int t = 0; t < steps; t += chunk) {
+    const std::ptrdiff_t offset = std::ptrdiff_t(t) * layout.kv_width();
+    full.append(p.k.data() + offset, p.v.data() + offset, chunk);
+    ring.append(p.k.data() + offset, p.v.data() + offset, chunk);
+    const float* q = p.q.data() + std::ptrdiff_t(t) * layout.q_width();
+    std::vector<float> a(std::size_t(chunk * layout.q_width())), b(a.size());
+    kvheads::attend(q, chunk, full, a.data(), options);
+    kvheads::attend(q, chunk, ring, b.data(), options);
+    REQUIRE(relative_error(b, a) <= 1e-6);
+  }
+  // More queries than the ring can serve is an error, not a silently short window.
+  KvCache<float> small = KvCache<float>::ring(layout, window);
+  small.append(p.k.data(), p.v.data(), 30);
+  std::vector<float> out(std::size_t(2 * layout.q_width()));
+  CHECK_THROWS_WITH(kvheads::attend(p.q.data(), 2, small, out.data()), Catch::Contains("q_len (2) is too many queries"));
+  // A ring never refuses an append for being full, even a long one.
+  small.append(p.k.data(), p.v.data(), 90);
+  CHECK(small.size() == window);
+  CHECK(small.position() == 120);
+}
+
+TEST_CASE("a ragged batch equals per-sequence calls", "[cache][batch]") {
+  for (const HeadLayout& layout : {HeadLayout{8, 8, 16}, HeadLayout{8, 2, 64}, HeadLayout{16, 1, 32}})
+    for (int threads : {1, 2}) {
+      const std::vector<std::pair<int, int>> shapes = {{1, 1}, {1, 2000}, {5, 17}, {1, 700}, {17, 300}};
+      std::vector<KvCache<float>> caches;
+      std::vector<Problem> problems;
+      for (std::size_t i = 0; i < shapes.size(); ++i) {
+        problems.emplace_back(layout, shapes[i].first, shapes[i].second, std::uint32_t(i * 10));
+        caches.emplace_back(layout, shapes[i].second);
+        caches.back().append(problems.back().k.data(), problems.back().v.data(), shapes[i].second);
+      }
+      AttentionOptions options = option_sets().back();
+      options.threads = threads;
+      std::vector<std::vector<float>> batched(shapes.size()), single(shapes.size()), lse(shapes.size());
+      std::vector<kvheads::AttendItem<float>> items;
+      for (std::size_t i = 0; i < shapes.size(); ++i) {
+        batched[i].assign(problems[i].out_size(), -1.f);
+        single[i].assign(problems[i].out_size(), -2.f);
+        lse[i].assign(std::size_t(shapes[i].first * layout.q_heads), 0.f);
+        items.push_back({problems[i].q.data(), shapes[i].first, &caches[i], batched[i].data(), lse[i].data()});
+      }
+      kvheads::attend(items, options);
+      for (std::size_t i = 0; i < shapes.size(); ++i) {
+        INFO(describe(layout, shapes[i].first, shapes[i].second, options) << " item " << i);
+        std::vector<float> expected_lse;
+        kvheads::attend(problems[i].q.data(), shapes[i].first, caches[i], single[i].data(), options);
+        CHECK(relative_error(batched[i], single[i]) <= 1e-6);
+        CHECK(relative_error(batched[i], problems[i].reference(options, &expected_lse)) <= tolerance);
+        CHECK(relative_error(lse[i], expected_lse, 1.0) <= tolerance);
+      }
+    }
+  KvCache<float> a(HeadLayout{4, 4, 8}, 4), b(HeadLayout{4, 2, 8}, 4);
+  std::vector<float> q(32), out(32);
+  a.append(q.data(), q.data(), 1);
+  b.append(q.data(), q.data(), 1);
+  std::vector<kvheads::AttendItem<float>> mixed = {{q.data(), 1, &a, out.data()}, {q.data(), 1, &b, out.data()}};
+  CHECK_THROWS_WITH(kvheads::attend(mixed), Catch::Contains("items[1].cache has layout (4, 2, 8)"));
+}
+
+TEST_CASE("drop_last, truncate, copies, reserve and growth keep the cache consistent", "[cache][ops]") {
+  const HeadLayout layout{8, 2, 16};
+  const Problem p(layout, 1, 60, 8);
+  const std::ptrdiff_t width = layout.kv_width();
+  auto attend_last = [&](const KvCache<float>& cache) {
+    std::vector<float> out(std::size_t(layout.q_width()));
+    AttentionOptions options;
+    options.causal = true;
+    options.alibi = true;
+    kvheads::attend(p.q.data(), 1, cache, out.data(), options);
+    return out;
+  };
+  // Speculative decoding: append 10 guesses, reject 6, append the 6 true tokens.
+  KvCache<float> cache(layout, 60);
+  cache.append(p.k.data(), p.v.data(), 40);
+  const std::vector<float> junk = random_vector(std::size_t(10 * width), 99);
+  cache.append(junk.data(), junk.data(), 10);
+  cache.drop_last(6);
+  CHECK(cache.size() == 44);
+  cache.truncate(40);
+  CHECK(cache.position() == 40);
+  cache.append(p.k.data() + 40 * width, p.v.data() + 40 * width, 20);
+  KvCache<float> fresh(layout, 60);
+  fresh.append(p.k.data(), p.v.data(), 60);
+  CHECK(attend_last(cache) == attend_last(fresh));
+  CHECK_THROWS_AS(cache.drop_last(61), std::invalid_argument);
+  CHECK_THROWS_AS(cache.truncate(-1), std::invalid_argument);
+  CHECK(cache.size() == 60);
+
+  // Copies are independent; moves keep the contents.
+  KvCache<float> copy = cache;
+  copy.truncate(10);
+  CHECK(cache.size() == 60);
+  CHECK(attend_last(cache) == attend_last(fresh));
+  KvCache<float> moved = std::move(copy);
+  CHECK(moved.size() == 10);
+
+  // A non-growable cache refuses, unchanged; reserve makes room and keeps every token.
+  KvCache<float> fixed(layout, 30);
+  fixed.append(p.k.data(), p.v.data(), 30);
+  CHECK_THROWS_AS(fixed.append(p.k.data() + 30 * width, p.v.data() + 30 * width, 30), std::length_error);
+  CHECK(fixed.size() == 30);
+  fixed.reserve(60);
+  CHECK(fixed.capacity() == 60);
+  fixed.append(p.k.data() + 30 * width, p.v.data() + 30 * width, 30);
+  CHECK(attend_last(fixed) == attend_last(fresh));
+
+  // A growable cache grows on append.
+  kvheads::CacheOptions growable;
+  growable.growable = true;
+  KvCache<float> growing(layout, 7, growable);
+  for (int t = 0; t < 60; t += 5) growing.append(p.k.data() + t * width, p.v.data() + t * width, 5);
+  CHECK(growing.size() == 60);
+  CHECK(growing.capacity() >= 60);
+  CHECK(attend_last(growing) == attend_last(fresh));
+  // Rings cannot be resized or made growable.
+  KvCache<float> ring = KvCache<float>::ring(layout, 8);
+  CHECK_THROWS_AS(ring.reserve(100), std::invalid_argument);
+  kvheads::CacheOptions bad;
+  bad.window = 4;
+  bad.growable = true;
+  CHECK_THROWS_WITH((KvCache<float>(layout, 8, bad)), Catch::Contains("cannot be growable"));
+  bad.growable = false;
+  bad.window = 9;
+  CHECK_THROWS_WITH((KvCache<float>(layout, 8, bad)), Catch::Contains("cache window (9) must not exceed its capacity (8)"));
+}
+
+TEMPLATE_LIST_TEST_CASE("attention sinks join the softmax denominator on every ISA", "[attend][sinks][isa]",
+                        kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 17}, HeadLayout{8, 2, 64}, HeadLayout{16, 1, 32}}) {
+    std::vector<float> sinks = random_vector(std::size_t(layout.q_heads), 12, 2.f);
+    sinks[0] = 30.f;  // a sink that dominates its head
+    for (auto [q_len, kv_len] : {std::pair{1, 1}, std::pair{1, 3000}, std::pair{17, 17}, std::pair{5, 200}})
+      for (AttentionOptions options : {AttentionOptions{}, option_sets()[2], option_sets().back()})
+        for (int threads : {1, 2}) {
+          options.sinks = sinks.data();
+          options.threads = threads;
+          INFO(describe(layout, q_len, kv_len, options) << " isa " << Isa::name);
+          const Problem p(layout, q_len, kv_len, 4);
+          std::vector<float> expected_lse, lse(std::size_t(q_len * layout.q_heads));
+          const std::vector<float> expected = p.reference(options, &expected_lse);
+          std::vector<float> out(p.out_size());
+          kvheads::attend<Isa>(p.q.data(), p.k.data(), p.v.data(), out.data(), q_len, kv_len, layout, options, lse.data());
+          CHECK(relative_error(out, expected) <= tolerance);
+          CHECK(relative_error(lse, expected_lse, 1.0) <= tolerance);
+        }
+  }
+}
+
+TEST_CASE("attending to two halves of the keys and merging equals attending to all", "[attend][lse]") {
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 16}, HeadLayout{8, 2, 33}, HeadLayout{8, 1, 64}}) {
+    const int q_len = 5, kv_len = 1500, half = 600;
+    const Problem p(layout, q_len, kv_len, 31);
+    AttentionOptions options;
+    options.softcap = 20.f;
+    std::vector<float> full(p.out_size()), full_lse(std::size_t(q_len * layout.q_heads));
+    kvheads::attend(p.q.data(), p.k.data(), p.v.data(), full.data(), q_len, kv_len, layout, options, full_lse.data());
+    std::vector<float> a(full.size()), b(full.size()), lse_a(full_lse.size()), lse_b(full_lse.size());
+    kvheads::attend(p.q.data(), p.k.data(), p.v.data(), a.data(), q_len, half, layout, options, lse_a.data());
+    const std::ptrdiff_t offset = std::ptrdiff_t(half) * layout.kv_width();
+    kvheads::attend(p.q.data(), p.k.data() + offset, p.v.data() + offset, b.data(), q_len, kv_len - half, layout,
+                    options, lse_b.data());
+    std::vector<float> merged(full.size()), merged_lse(full_lse.size());
+    kvheads::merge(a.data(), lse_a.data(), b.data(), lse_b.data(), merged.data(), merged_lse.data(), q_len, layout);
+    CHECK(relative_error(merged, full) <= 3e-6);  // exact but for fp32 rounding
+    CHECK(relative_error(merged_lse, full_lse, 1.0) <= 3e-6);
+    // In place, into the first part.
+    kvheads::merge(a.data(), lse_a.data(), b.data(), lse_b.data(), a.data(), lse_a.data(), q_len, layout);
+    CHECK(a == merged);
+  }
+  std::vector<float> x(8);
+  CHECK_THROWS_WITH(kvheads::merge(x.data(), nullptr, x.data(), x.data(), x.data(), x.data(), 1, HeadLayout{1, 1, 4}),
+                    Catch::Contains("lse_a is null"));
+}
