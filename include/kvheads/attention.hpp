@@ -10,6 +10,7 @@
 #include "kvheads/attend.hpp"
 #include "kvheads/core/check.hpp"
 #include "kvheads/core/projection.hpp"
+#include "kvheads/core/rope.hpp"
 #include "kvheads/head_layout.hpp"
 #include "kvheads/kv_cache.hpp"
 #include "kvheads/options.hpp"
@@ -81,13 +82,23 @@ class Attention {
   RowMatrix& wo() { return wo_; }
   const RowMatrix& wo() const { return wo_; }
 
+  /// Sets the rotary position embedding applied to Q and K in forward(); checked against
+  /// head_dim first (std::invalid_argument, setting unchanged). Default: disabled.
+  void set_rope(const RopeOptions& rope) {
+    rope.validate(layout_.head_dim);
+    rope_ = rope;
+  }
+  /// The rotary position embedding setting.
+  const RopeOptions& rope() const { return rope_; }
+
   /// A cache with this layer's layout.
   Cache make_cache(int capacity) const { return Cache(layout_, capacity); }
 
   /// Runs the layer on n_tokens new tokens: projects x [n_tokens][d_model], appends their
   /// K/V to the cache, attends (the new tokens sit at the cache's last positions) and applies
-  /// the output projection into out [n_tokens][d_model]. Throws (cache unchanged) on a layout
-  /// mismatch or a full cache.
+  /// the output projection into out [n_tokens][d_model]. With RoPE enabled, Q and K are rotated
+  /// after projection, token t at absolute position cache.position() + t (before the append).
+  /// Throws (cache unchanged) on a layout mismatch or a full cache.
   void forward(const float* x, int n_tokens, Cache& cache, float* out, const AttentionOptions& options = {}) const {
     if (n_tokens < 0) detail::throw_invalid("n_tokens (", n_tokens, ") must be >= 0");
     detail::require_pointer(x, n_tokens, "x");
@@ -108,6 +119,10 @@ class Attention {
     detail::project(x, n_tokens, wq_, q.data());
     detail::project(x, n_tokens, wk_, k.data());
     detail::project(x, n_tokens, wv_, v.data());
+    // Every check is done: rotate with the positions the new tokens get in the cache.
+    if (rope_.enabled)
+      detail::apply_rope(q.data(), layout_.q_heads, k.data(), layout_.kv_heads, n_tokens, layout_.head_dim,
+                         cache.position(), rope_);
     cache.append(k.data(), v.data(), n_tokens);
     // A separate output buffer: tasks of other heads still read their queries from q.
     std::vector<float> attended(q.size());
@@ -143,6 +158,7 @@ class Attention {
   HeadLayout layout_;
   int d_model_;
   RowMatrix wq_, wk_, wv_, wo_;
+  RopeOptions rope_;
 };
 
 /// Multi-head attention: every query head has its own KV head.
