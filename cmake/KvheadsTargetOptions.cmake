@@ -37,6 +37,15 @@ function(kvheads_target_options target)
     endif()
     if(_kvheads_use_native)
       target_compile_options(${target} PRIVATE -march=native)
+      if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 12.3
+         AND CMAKE_CXX_COMPILER_VERSION VERSION_GREATER_EQUAL 12)
+        # GCC 12.0-12.2 (Debian 12's compiler) warns about its own AVX-512 intrinsics:
+        # _mm512_undefined_*() is `__m512 __Y = __Y;` by design, and once inlined (e.g.
+        # in Eigen's GEMM) -Wall reports "'__Y' may be used uninitialized".
+        # https://gcc.gnu.org/bugzilla/show_bug.cgi?id=105593, fixed in 12.3.
+        target_compile_options(${target} PRIVATE
+          -Wno-maybe-uninitialized -Wno-error=uninitialized)
+      endif()
     endif()
     if(KVHEADS_SANITIZE)
       # -fno-sanitize-recover makes every UBSan report fatal, so a finding fails
