@@ -4,8 +4,12 @@
 //    (a vectorised sum over a buffer the size of the kernel's working set) and the fp32
 //    FMA peak (a register-resident FMA loop), each on 1..N threads, best of a few runs;
 //  - roofline arithmetic: the least time a case could take on this machine;
-//  - per-case counters (GBps, GFLOPs, roofline_ratio, kv_bytes) and a registry of the
-//    results, so a benchmark can print ratios computed from one run in a summary table.
+//  - per-case counters (GBps, GFLOPs, roofline_ratio, roofline_cpu, kv_bytes, cpu_util)
+//    and a registry of the results, so a benchmark can print ratios computed from one
+//    run in a summary table;
+//  - every limit and ratio on two bases: wall time (the machine's limit when the cores
+//    are ours) and CPU time (what the threads achieved while they ran, for a shared
+//    machine whose other processes take the cores).
 // Vector code goes through kvheads' own simd interface, so the limits are measured with
 // the same vector width as the kernels.
 #include <benchmark/benchmark.h>
@@ -60,11 +64,18 @@ inline void fill_random(std::vector<float>& v, std::uint64_t seed) { fill_random
 // ---------------------------------------------------------------------------------------
 // Threads
 
+/// Wall time of a multi-threaded run and the CPU time the process spent in it.
+struct RunTime {
+  double wall = 0;
+  double cpu = 0;  // all threads (std::clock: process CPU time on POSIX)
+};
+
 /// Runs fn(thread) on `threads` threads (the caller is thread 0), released together
 /// after all of them started; returns the wall time from that common start until the
-/// last one finished. Thread creation is outside the measured interval.
+/// last one finished, and the process CPU time over that interval. Thread creation is
+/// outside the measured interval.
 template <class Fn>
-double run_on_threads(int threads, Fn&& fn) {
+RunTime run_on_threads(int threads, Fn&& fn) {
   threads = std::max(threads, 1);
   std::atomic<int> ready{0};
   std::atomic<bool> go{false};
@@ -83,12 +94,16 @@ double run_on_threads(int threads, Fn&& fn) {
       body(t);
     });
   while (ready.load(std::memory_order_acquire) != threads - 1) std::this_thread::yield();
+  const std::clock_t cpu_start = std::clock();
   const Clock::time_point start = Clock::now();
   go.store(true, std::memory_order_release);
   body(0);
   for (std::thread& w : workers) w.join();
+  RunTime time;
+  time.cpu = double(std::clock() - cpu_start) / CLOCKS_PER_SEC;
   const Clock::time_point last = *std::max_element(ends.begin(), ends.end());
-  return std::chrono::duration<double>(last - start).count();
+  time.wall = std::chrono::duration<double>(last - start).count();
+  return time;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -130,10 +145,17 @@ float fma_chains(std::int64_t steps, float seed) {
   return Isa::reduce_sum(acc[0]);
 }
 
+/// How a rate is timed. `wall`: work / wall time, the machine's limit when the cores are
+/// ours. `cpu`: work / (process CPU time / threads), the rate while the threads actually
+/// ran; on a shared machine whose other processes take the cores it is the fairer basis
+/// for a ratio (it removes descheduling, not the sharing of memory bandwidth or caches).
+enum class Basis { wall, cpu };
+
 /// The machine's own limits, measured once per run and cached.
 /// Read bandwidth is measured per working-set size: summing the same buffer again and
 /// again, as a benchmark attends the same K/V again and again, so a working set that
 /// fits in a cache is compared with that cache's bandwidth and a large one with DRAM's.
+/// Every figure exists on both bases (best run of each, separately).
 class MachineLimits {
  public:
   using Isa = kvheads::simd::default_isa;
@@ -155,44 +177,50 @@ class MachineLimits {
 
   /// GB/s (1e9 bytes/s) reading a working set of `bytes` (the nearest measured size at
   /// or above it, else the largest) on `threads` threads; 0 when nothing was measured.
-  double read_gbps(std::size_t bytes, int threads) const {
+  double read_gbps(std::size_t bytes, int threads, Basis basis = Basis::wall) const {
     double found = 0;
-    for (const auto& [key, gbps] : read_) {
+    for (const auto& [key, rates] : read_) {
       if (key.second != threads) continue;
-      found = gbps;
+      found = rates.on(basis);
       if (key.first >= bytes) break;
     }
     return found;
   }
 
   /// GB/s on the largest measured working set (the DRAM figure when it exceeds the caches).
-  double largest_read_gbps(int threads) const { return read_gbps(std::numeric_limits<std::size_t>::max(), threads); }
+  double largest_read_gbps(int threads, Basis basis = Basis::wall) const {
+    return read_gbps(std::numeric_limits<std::size_t>::max(), threads, basis);
+  }
 
   /// fp32 GFLOP/s (an FMA counts 2) on `threads` threads; 0 when not measured.
-  double fma_gflops(int threads) const {
+  double fma_gflops(int threads, Basis basis = Basis::wall) const {
     const auto it = fma_.find(threads);
-    return it == fma_.end() ? 0.0 : it->second;
+    return it == fma_.end() ? 0.0 : it->second.on(basis);
   }
 
   bool measured() const { return !fma_.empty(); }
 
-  /// The limits as a small table.
+  /// The limits as a small table: by wall time, then by CPU time.
   void print(std::FILE* out, const char* title = "Machine limits measured in this run") const {
     std::fprintf(out, "%s (ISA %s, %d floats per vector, best of runs):\n", title, Isa::name, Isa::width);
     std::fprintf(out, "  %-26s", "");
-    for (int threads : thread_counts_) std::fprintf(out, "  %2d thread%s", threads, threads == 1 ? " " : "s");
-    std::fprintf(out, "\n  %-26s", "fp32 FMA peak, GFLOP/s");
-    for (int threads : thread_counts_) std::fprintf(out, "  %10.1f", fma_gflops(threads));
-    std::fprintf(out, "\n");
+    for (const char* basis : {"wall", "CPU time"})
+      for (int threads : thread_counts_)
+        std::fprintf(out, "  %8s %dt", basis, threads);
+    auto row = [&](const std::string& label, auto&& value) {
+      std::fprintf(out, "\n  %-26s", label.c_str());
+      for (Basis basis : {Basis::wall, Basis::cpu})
+        for (int threads : thread_counts_) std::fprintf(out, "  %11.1f", value(threads, basis));
+    };
+    row("fp32 FMA peak, GFLOP/s", [&](int threads, Basis basis) { return fma_gflops(threads, basis); });
     std::size_t last = 0;
     for (const auto& entry : read_) {
       if (entry.first.first == last) continue;
       last = entry.first.first;
-      const std::string label = "read GB/s @ " + size_label(last);
-      std::fprintf(out, "  %-26s", label.c_str());
-      for (int threads : thread_counts_) std::fprintf(out, "  %10.1f", read_gbps(last, threads));
-      std::fprintf(out, "\n");
+      row("read GB/s @ " + size_label(last),
+          [&](int threads, Basis basis) { return read_gbps(last, threads, basis); });
     }
+    std::fprintf(out, "\n");
     std::fflush(out);
   }
 
@@ -202,10 +230,14 @@ class MachineLimits {
     for (int threads : thread_counts_) {
       benchmark::AddCustomContext("fma_peak_GFLOPs_" + std::to_string(threads) + "t",
                                   fixed(fma_gflops(threads), 1));
+      benchmark::AddCustomContext("fma_peak_GFLOPs_" + std::to_string(threads) + "t_cpu",
+                                  fixed(fma_gflops(threads, Basis::cpu), 1));
       for (const auto& entry : read_)
-        if (entry.first.second == threads)
-          benchmark::AddCustomContext(
-              "read_GBps_" + std::to_string(threads) + "t_" + size_label(entry.first.first), fixed(entry.second, 1));
+        if (entry.first.second == threads) {
+          const std::string key = "read_GBps_" + std::to_string(threads) + "t_" + size_label(entry.first.first);
+          benchmark::AddCustomContext(key, fixed(entry.second.wall, 1));
+          benchmark::AddCustomContext(key + "_cpu", fixed(entry.second.cpu, 1));
+        }
     }
   }
 
@@ -222,15 +254,33 @@ class MachineLimits {
   }
 
  private:
-  static double measure_read_gbps(const float* buffer, std::size_t n, int threads, int repetitions) {
+  /// A rate on both bases.
+  struct Rates {
+    double wall = 0;
+    double cpu = 0;
+    double on(Basis basis) const { return basis == Basis::wall ? wall : cpu; }
+  };
+
+  // Best (shortest) wall and per-thread CPU time over the runs, as rates of `work`.
+  struct Best {
+    double wall = std::numeric_limits<double>::infinity();
+    double cpu = std::numeric_limits<double>::infinity();
+    void add(const RunTime& time, int threads) {
+      wall = std::min(wall, time.wall);
+      cpu = std::min(cpu, time.cpu / threads);
+    }
+    Rates rates(double work) const { return {work / wall, work / cpu}; }
+  };
+
+  static Rates measure_read_gbps(const float* buffer, std::size_t n, int threads, int repetitions) {
     // Small sets are summed several times per run so one run lasts long enough to time.
     constexpr std::size_t kMinBytesPerRun = std::size_t(64) << 20;
     const std::size_t bytes = n * sizeof(float);
     const std::size_t passes = std::max<std::size_t>(1, (kMinBytesPerRun + bytes - 1) / bytes);
     std::vector<float> sinks(static_cast<std::size_t>(threads));
-    double best = std::numeric_limits<double>::infinity();
+    Best best;
     for (int rep = 0; rep < repetitions + 1; ++rep) {  // +1: the first run warms caches/TLB
-      const double seconds = run_on_threads(threads, [&](int t) {
+      const RunTime time = run_on_threads(threads, [&](int t) {
         const std::size_t begin = n * std::size_t(t) / std::size_t(threads);
         const std::size_t end = n * std::size_t(t + 1) / std::size_t(threads);
         float sum = 0;
@@ -240,31 +290,31 @@ class MachineLimits {
         }
         sinks[std::size_t(t)] = sum;
       });
-      if (rep > 0) best = std::min(best, seconds);
+      if (rep > 0) best.add(time, threads);
     }
     benchmark::DoNotOptimize(sinks.data());
-    return double(bytes) * double(passes) / best / kGiga;
+    return best.rates(double(bytes) * double(passes) / kGiga);
   }
 
-  static double measure_fma_gflops(int threads, int repetitions) {
+  static Rates measure_fma_gflops(int threads, int repetitions) {
     constexpr std::int64_t kSteps = std::int64_t(1) << 22;  // ~20-40 ms per run
     volatile float seed = 0.5f;                              // unknown to the compiler
     const float start = seed;
     std::vector<float> sinks(static_cast<std::size_t>(threads));
-    double best = std::numeric_limits<double>::infinity();
+    Best best;
     for (int rep = 0; rep < repetitions + 1; ++rep) {  // +1: the first run lets clocks settle
-      const double seconds =
+      const RunTime time =
           run_on_threads(threads, [&](int t) { sinks[std::size_t(t)] = fma_chains<Isa>(kSteps, start + float(t)); });
-      if (rep > 0) best = std::min(best, seconds);
+      if (rep > 0) best.add(time, threads);
     }
     benchmark::DoNotOptimize(sinks.data());
     const double flops = double(threads) * double(kSteps) * kFmaChains * Isa::width * 2.0;
-    return flops / best / kGiga;
+    return best.rates(flops / kGiga);
   }
 
   std::vector<int> thread_counts_;
-  std::map<std::pair<std::size_t, int>, double> read_;  // (bytes, threads) -> GB/s
-  std::map<int, double> fma_;                          // threads -> GFLOP/s
+  std::map<std::pair<std::size_t, int>, Rates> read_;  // (bytes, threads) -> GB/s
+  std::map<int, Rates> fma_;                          // threads -> GFLOP/s
 };
 
 /// The process-wide limits (measure() them once in main, before running benchmarks).
@@ -285,9 +335,11 @@ struct Work {
 };
 
 /// The least time the case could take here: max(bytes / bandwidth, flops / FMA peak).
-inline double roofline_seconds(const Work& work, const MachineLimits& limits = machine_limits()) {
-  const double bandwidth = limits.read_gbps(work.working_set, work.threads) * kGiga;
-  const double peak = limits.fma_gflops(work.threads) * kGiga;
+/// On Basis::cpu it is the least CPU time per thread (compare with Timing::cpu / threads).
+inline double roofline_seconds(const Work& work, Basis basis = Basis::wall,
+                               const MachineLimits& limits = machine_limits()) {
+  const double bandwidth = limits.read_gbps(work.working_set, work.threads, basis) * kGiga;
+  const double peak = limits.fma_gflops(work.threads, basis) * kGiga;
   const double memory = bandwidth > 0 ? work.bytes / bandwidth : 0.0;
   const double compute = peak > 0 ? work.flops / peak : 0.0;
   return std::max(memory, compute);
@@ -305,6 +357,21 @@ struct Timing {
   /// measure the machine's load as much as the code).
   double cpu_utilisation(int threads) const { return mean > 0 ? cpu / (mean * std::max(threads, 1)) : 0.0; }
 };
+
+/// Roofline ratio on the wall-time basis: mean time per call / roofline (>= 1 expected).
+inline double roofline_ratio(const Timing& timing, const Work& work) {
+  const double roofline = roofline_seconds(work, Basis::wall);
+  return roofline > 0 ? timing.mean / roofline : 0.0;
+}
+
+/// Roofline ratio on the CPU-time basis: CPU time per call and thread / the CPU-time
+/// roofline. Close to the wall-time ratio on an idle machine; the better estimate when
+/// other processes held the cores (cpu_utilisation well below 1). Idle pool workers that
+/// spin count as busy, so on several threads it errs on the high (pessimistic) side.
+inline double cpu_roofline_ratio(const Timing& timing, const Work& work) {
+  const double roofline = roofline_seconds(work, Basis::cpu);
+  return roofline > 0 ? timing.cpu / std::max(work.threads, 1) / roofline : 0.0;
+}
 
 /// Runs the benchmark loop timing each call of fn() with a steady clock; reports the
 /// times through SetIterationTime (register the benchmark with UseManualTime()).
@@ -334,16 +401,18 @@ Timing timed_loop(benchmark::State& state, Fn&& fn) {
 }
 
 /// Sets the standard counters of a case from its timing (mean time per call):
-/// GBps, GFLOPs, roofline_ratio (>= 1; 1 = at the machine's limit), kv_bytes and
-/// cpu_util (see Timing::cpu_utilisation).
+/// GBps, GFLOPs, roofline_ratio (>= 1; 1 = at the machine's limit), roofline_cpu (the
+/// same on the CPU-time basis), kv_bytes and cpu_util (see Timing::cpu_utilisation).
 inline void set_counters(benchmark::State& state, const Work& work, const Timing& timing) {
   const double seconds = timing.mean;
   if (seconds <= 0) return;
   state.counters["cpu_util"] = timing.cpu_utilisation(work.threads);
   state.counters["GBps"] = work.bytes / seconds / kGiga;
   state.counters["GFLOPs"] = work.flops / seconds / kGiga;
-  const double roofline = roofline_seconds(work);
-  if (roofline > 0) state.counters["roofline_ratio"] = seconds / roofline;
+  if (roofline_seconds(work) > 0) {
+    state.counters["roofline_ratio"] = roofline_ratio(timing, work);
+    state.counters["roofline_cpu"] = cpu_roofline_ratio(timing, work);
+  }
   state.counters["kv_bytes"] = benchmark::Counter(work.bytes, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
 }
 
