@@ -108,7 +108,8 @@ class Attention {
                             ", head_dim ", cache.layout().head_dim, ") does not match the attention layout (q_heads ",
                             layout_.q_heads, ", kv_heads ", layout_.kv_heads, ", head_dim ", layout_.head_dim, ")");
     options.validate();
-    if (n_tokens > cache.capacity() - cache.size())
+    const bool fixed_capacity = !cache.is_ring() && !cache.options().growable;  // rings and growable caches never refuse
+    if (fixed_capacity && n_tokens > cache.capacity() - cache.size())
       detail::throw_length("cannot append ", n_tokens, " tokens to a cache holding ", cache.size(), " of ",
                            cache.capacity(), " (capacity exceeded)");
     if (n_tokens == 0) return;

@@ -648,6 +648,12 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
 /// shapes; anything else runs the same kernel with run-time sizes. All items share a layout.
 template <class Isa, int HeadDimStatic, class KvT>
 void dispatch_group(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
+  // Reduced-precision caches are read through the widening stage and are memory-bound;
+  // a compile-time group size buys them nothing but compile time, so they run the
+  // run-time-group instantiation.
+  if constexpr (!std::is_same_v<KvT, float>) {
+    return run_fused_batch<Isa, HeadDimStatic, Dynamic>(items, count);
+  }
   switch (items[0].layout.group_size()) {
     case 1: return run_fused_batch<Isa, HeadDimStatic, 1>(items, count);
     case 2: return run_fused_batch<Isa, HeadDimStatic, 2>(items, count);

@@ -3,6 +3,7 @@
 // compiles to nothing unless the compiler targets both AVX2 and FMA.
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#include <cstdint>
 
 namespace kvheads::simd {
 
@@ -20,6 +21,21 @@ struct avx2 {
   static vec load_partial(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
   static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   static void store_partial(float* p, vec v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
+
+  // Widening loads from KV storage (simd/widen.hpp); fp16 needs F16C, which every
+  // AVX2 CPU has but the compiler enables separately (-mf16c or -march=native).
+  static vec load_bf16(const std::uint16_t* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+#if defined(__F16C__)
+  static vec load_fp16(const std::uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+#endif
+  static vec load_i8(const std::int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
 
   static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }

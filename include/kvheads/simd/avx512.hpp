@@ -4,6 +4,7 @@
 // (no DQ/VL), so it runs on every AVX-512 CPU.
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include <cstdint>
 
 namespace kvheads::simd {
 
@@ -21,6 +22,19 @@ struct avx512 {
   static vec load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes_below(n), p); }
   static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   static void store_partial(float* p, vec v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), v); }
+
+  // Widening loads from KV storage (simd/widen.hpp): bf16 is the top half of an fp32,
+  // fp16 converts with vcvtph2ps (AVX-512F), int8 sign-extends then converts.
+  static vec load_bf16(const std::uint16_t* p) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  static vec load_fp16(const std::uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static vec load_i8(const std::int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
 
   static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }

@@ -4,6 +4,7 @@
 // vrndnq_f32 and the across-lane reductions are AArch64-only).
 #if defined(__ARM_NEON) && defined(__aarch64__)
 #include <arm_neon.h>
+#include <cstdint>
 
 #include <cstring>
 
@@ -31,6 +32,16 @@ struct neon {
     float buffer[width];
     vst1q_f32(buffer, v);
     std::memcpy(p, buffer, sizeof(float) * static_cast<unsigned>(n < width ? n : width));
+  }
+
+  // Widening loads from KV storage (simd/widen.hpp).
+  static vec load_bf16(const std::uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+  static vec load_fp16(const std::uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+  static vec load_i8(const std::int8_t* p) {
+    std::int32_t four;  // exactly four bytes: never read past the row
+    std::memcpy(&four, p, sizeof four);
+    const int16x8_t wide = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four)));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(wide)));
   }
 
   static vec add(vec a, vec b) { return vaddq_f32(a, b); }

@@ -10,20 +10,22 @@
 namespace kvheads::simd {
 
 namespace detail {
+// Detected through a void expression: naming a vector type with attributes (__m256) as
+// a template argument would warn.
 template <class Isa, class = void>
 struct has_load_bf16 : std::false_type {};
 template <class Isa>
-struct has_load_bf16<Isa, std::void_t<decltype(Isa::load_bf16(static_cast<const std::uint16_t*>(nullptr)))>>
+struct has_load_bf16<Isa, std::void_t<decltype(static_cast<void>(Isa::load_bf16(static_cast<const std::uint16_t*>(nullptr))))>>
     : std::true_type {};
 template <class Isa, class = void>
 struct has_load_fp16 : std::false_type {};
 template <class Isa>
-struct has_load_fp16<Isa, std::void_t<decltype(Isa::load_fp16(static_cast<const std::uint16_t*>(nullptr)))>>
+struct has_load_fp16<Isa, std::void_t<decltype(static_cast<void>(Isa::load_fp16(static_cast<const std::uint16_t*>(nullptr))))>>
     : std::true_type {};
 template <class Isa, class = void>
 struct has_load_i8 : std::false_type {};
 template <class Isa>
-struct has_load_i8<Isa, std::void_t<decltype(Isa::load_i8(static_cast<const std::int8_t*>(nullptr)))>>
+struct has_load_i8<Isa, std::void_t<decltype(static_cast<void>(Isa::load_i8(static_cast<const std::int8_t*>(nullptr))))>>
     : std::true_type {};
 
 template <class Isa, class T, class Convert>
