@@ -652,15 +652,16 @@ void dispatch_group(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
   // a compile-time group size buys them nothing but compile time, so they run the
   // run-time-group instantiation.
   if constexpr (!std::is_same_v<KvT, float>) {
-    return run_fused_batch<Isa, HeadDimStatic, Dynamic>(items, count);
-  }
-  switch (items[0].layout.group_size()) {
-    case 1: return run_fused_batch<Isa, HeadDimStatic, 1>(items, count);
-    case 2: return run_fused_batch<Isa, HeadDimStatic, 2>(items, count);
-    case 4: return run_fused_batch<Isa, HeadDimStatic, 4>(items, count);
-    case 8: return run_fused_batch<Isa, HeadDimStatic, 8>(items, count);
-    case 16: return run_fused_batch<Isa, HeadDimStatic, 16>(items, count);
-    default: return run_fused_batch<Isa, HeadDimStatic, Dynamic>(items, count);
+    run_fused_batch<Isa, HeadDimStatic, Dynamic>(items, count);
+  } else {
+    switch (items[0].layout.group_size()) {
+      case 1: return run_fused_batch<Isa, HeadDimStatic, 1>(items, count);
+      case 2: return run_fused_batch<Isa, HeadDimStatic, 2>(items, count);
+      case 4: return run_fused_batch<Isa, HeadDimStatic, 4>(items, count);
+      case 8: return run_fused_batch<Isa, HeadDimStatic, 8>(items, count);
+      case 16: return run_fused_batch<Isa, HeadDimStatic, 16>(items, count);
+      default: return run_fused_batch<Isa, HeadDimStatic, Dynamic>(items, count);
+    }
   }
 }
 
