@@ -52,7 +52,8 @@ def load(path):
         rows[key] = entry
     if not rows:
         sys.exit("plot_heads: %s holds no compare_heads results" % path)
-    return rows, data.get("context", {})
+    repetitions = max(e.get("repetitions", 1) for e in rows.values()) if have_means else 1
+    return rows, data.get("context", {}), repetitions
 
 
 def layout_name(kv, source_kv, q_heads):
@@ -143,7 +144,7 @@ def plot_prefill(ax, rows, kv_list):
 def main(argv):
     if len(argv) != 3:
         sys.exit("usage: plot_heads.py results.json out_dir/")
-    rows, context = load(argv[1])
+    rows, context, repetitions = load(argv[1])
     out_dir = argv[2]
     os.makedirs(out_dir, exist_ok=True)
 
@@ -162,6 +163,8 @@ def main(argv):
     machine = "%s x %.1f GHz" % (context.get("num_cpus", "?"), context.get("mhz_per_cpu", 0) / 1000.0)
     if load_avg:
         machine += ", load average %.1f" % load_avg[0]
+    if repetitions > 1:
+        machine += ", mean of %d runs" % repetitions
 
     panels = [
         ("decode_time.png", lambda ax: plot_decode(ax, rows, contexts, kv_list, colors), True),
