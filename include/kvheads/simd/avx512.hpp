@@ -25,15 +25,18 @@ struct avx512 {
 
   // Widening loads from KV storage (simd/widen.hpp): bf16 is the top half of an fp32,
   // fp16 converts with vcvtph2ps (AVX-512F), int8 sign-extends then converts.
+  // (Masked forms with an all-ones mask: see `all` below.)
   static vec load_bf16(const std::uint16_t* p) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    const __m512i wide = _mm512_maskz_cvtepu16_epi32(all, raw);
+    return _mm512_castsi512_ps(_mm512_mask_slli_epi32(wide, all, wide, 16));
   }
   static vec load_fp16(const std::uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_maskz_cvtph_ps(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static vec load_i8(const std::int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512i wide = _mm512_maskz_cvtepi8_epi32(all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_maskz_cvtepi32_ps(all, wide);
   }
 
   static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
