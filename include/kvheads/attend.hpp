@@ -3,6 +3,7 @@
 // KvCache. Arguments are checked here, at the public boundary; the kernels carry no checks.
 #include <algorithm>
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -18,6 +19,15 @@
 namespace kvheads {
 
 namespace detail {
+
+/// Enables the overloads that take an ISA tag only for real tags, so attend<float>(...)
+/// names the storage type of the stable overloads, never an ISA.
+template <class Isa, class = void>
+struct is_isa : std::false_type {};
+template <class Isa>
+struct is_isa<Isa, std::void_t<decltype(Isa::width), decltype(Isa::name)>> : std::true_type {};
+template <class Isa>
+using IsaTag = std::enable_if_t<is_isa<Isa>::value>;
 
 /// ALiBi slopes of a layout as floats, computed once per q_heads and thread.
 inline const float* alibi_slopes_for(int q_heads) {
@@ -137,7 +147,7 @@ AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, flo
 /// Attention over plain memory with a named ISA (simd::scalar, simd::avx2, ...):
 /// q [q_len][q_heads][head_dim]; k, v [kv_len][kv_heads][head_dim]; out like q;
 /// lse (optional) [q_len][q_heads] receives each row's log-sum-exp.
-template <class Isa>
+template <class Isa, class = detail::IsaTag<Isa>>
 void attend(const float* q, const float* k, const float* v, float* out, int q_len, int kv_len, HeadLayout layout,
             const AttentionOptions& options = {}, float* lse = nullptr) {
   detail::dispatch_fused<Isa>(detail::plain_args(q, k, v, out, q_len, kv_len, layout, options, lse));
@@ -161,7 +171,7 @@ inline void attend(const float* q, const float* k, const float* v, float* out, i
 
 /// Attention of q_len queries against a cache with a named ISA. The queries sit at the
 /// last q_len cached positions. q, out: [q_len][q_heads][head_dim]; lse optional [q_len][q_heads].
-template <class Isa, class T>
+template <class Isa, class T, class = detail::IsaTag<Isa>>
 void attend(const float* q, int q_len, const KvCache<T>& cache, float* out, const AttentionOptions& options = {},
             float* lse = nullptr) {
   detail::dispatch_fused<Isa>(detail::cache_args(q, q_len, cache, out, options, lse));
@@ -194,7 +204,7 @@ struct AttendItem {
 /// Attends a batch of sequences, each against its own cache of its own length (ragged),
 /// in one pass over the thread pool: work is split across the whole batch, so short
 /// sequences do not leave cores idle. Every cache must share one layout.
-template <class Isa, class T>
+template <class Isa, class T, class = detail::IsaTag<Isa>>
 void attend(const AttendItem<T>* items, std::size_t count, const AttentionOptions& options = {}) {
   if (count > 0) detail::require_pointer(items, (long long)count, "items");
   thread_local std::vector<detail::AttendArgs<T>> batch;  // reused: no allocation per call
