@@ -151,6 +151,10 @@ std::vector<char*> parse_flags(int argc, char** argv, Settings& s) {
   bool min_time = false, tabular = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h")  // Google Benchmark then prints its own flags
+      std::printf("compare_heads flags: --d_model=4096 --q_heads=32 --head_dim=128 --contexts=1024,4096,16384\n"
+                  "  --kv_heads=a,b,.. (default: every divisor) --prefill=512 --quality_tokens=256\n"
+                  "  --kv_similarity=0.8 --threads=0 --seed=1 --checkpoint=PATH --layer=N --config=PATH\n\n");
     if (arg.rfind("--benchmark_min_time", 0) == 0) min_time = true;
     if (arg.rfind("--benchmark_counters_tabular", 0) == 0) tabular = true;
     if (arg.rfind("--", 0) != 0 || arg.rfind("--benchmark_", 0) == 0) {
