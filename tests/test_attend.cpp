@@ -113,3 +113,16 @@ TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges ex
       }
     }
 }
+
+TEST_CASE("attend runs on a pool the caller passes in", "[attend][threads]") {
+  kvheads::ThreadPool pool(3);
+  for (const HeadLayout& layout : {HeadLayout{8, 2, 64}, HeadLayout{8, 1, 16}}) {
+    const Problem p(layout, 2, 3000, 5);
+    AttentionOptions options;
+    options.pool = &pool;
+    options.causal = true;
+    std::vector<float> out(p.out_size());
+    kvheads::attend(p.q.data(), p.k.data(), p.v.data(), out.data(), p.q_len, p.kv_len, layout, options);
+    CHECK(relative_error(out, p.reference(options)) <= tolerance);
+  }
+}

@@ -51,6 +51,7 @@ void resolve_options(AttendArgs<KvT>& args, const AttentionOptions& options) {
   args.alibi_slopes = options.alibi ? alibi_slopes_for(args.layout.q_heads) : nullptr;
   args.threads = options.threads;
   args.sinks = options.sinks;
+  args.pool = options.pool;
 }
 
 inline void check_lengths(int q_len, int kv_len) {

@@ -6,6 +6,8 @@
 
 namespace kvheads {
 
+class ThreadPool;  // core/parallel.hpp
+
 /// Options shared by every attend() entry point. Logits are
 /// s = scale * q.k, then softcap * tanh(s / softcap), then + ALiBi bias, then masks.
 struct AttentionOptions {
@@ -18,6 +20,9 @@ struct AttentionOptions {
   /// Optional per-query-head sink logits [q_heads] (gpt-oss, ONNX Runtime's head_sink):
   /// each joins its head's softmax denominator without a value. Not owned.
   const float* sinks = nullptr;
+  /// Optional pool to run on instead of the process-wide one (ThreadPool::global()).
+  /// Not owned; threads = 0 then means the pool's size.
+  ThreadPool* pool = nullptr;
 
   /// Throws std::invalid_argument naming the bad option.
   void validate() const {
