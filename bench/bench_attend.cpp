@@ -347,7 +347,7 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
                "bandwidth, flops / FMA peak), 1.0 = at the machine's limit; \"CPU\" columns use CPU time per "
                "thread and the limits' CPU-time figures):\n");
   kvheads_bench::Table table({"case", "kvheads ms", "eigen ms", "GB/s", "GFLOP/s", "roofline", "best-iter",
-                              "roofline CPU", "% FMA peak", "% peak CPU", "vs eigen", "vs eigen CPU", "2t vs 1t",
+                              "roofline CPU", "% FMA peak", "% peak CPU", "vs eigen", "vs eigen CPU", "eigen roofline CPU", "2t vs 1t",
                               "cpu util", "max|diff|"});
   bool contended = false;
   for (const Case& c : cases) {
@@ -369,6 +369,7 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
                       1),
                format(eigen ? eigen->timing.mean / t : nan, 1),
                format(eigen && mine ? eigen->timing.cpu / mine->timing.cpu : nan, 1),
+               format(eigen ? cpu_roofline_ratio(eigen->timing, work) : nan, 1),
                format(one_thread ? one_thread->timing.mean / t : nan, 2), utilisation(mine, c.threads, contended),
                eigen && !std::isnan(eigen->check) ? format(eigen->check, 7) : "-"});
   }
@@ -432,6 +433,9 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
                  kEigenSpeedupTarget, compared - int(slow.size()), compared, worst_name.c_str(), worst,
                  verdict(slow.empty()));
     for (const std::string& s : slow) std::fprintf(out, "      below target: %s\n", s.c_str());
+    std::fprintf(out,
+                 "      (no kernel can beat the baseline by more than the baseline's own roofline ratio: "
+                 "see \"eigen roofline CPU\")\n");
   }
   // Decode at 16384: MHA / GQA-8 time ratio against the bytes ratio.
   for (int threads : kThreadCounts) {
