@@ -273,8 +273,10 @@ class MachineLimits {
   };
 
   static Rates measure_read_gbps(const float* buffer, std::size_t n, int threads, int repetitions) {
-    // Small sets are summed several times per run so one run lasts long enough to time.
-    constexpr std::size_t kMinBytesPerRun = std::size_t(64) << 20;
+    // Small sets are summed several times per run so one run lasts long enough to time
+    // well (>= ~5 ms even at L2 speed; a sub-millisecond run is at the mercy of one
+    // interrupt and of the CPU clock's accounting granularity).
+    constexpr std::size_t kMinBytesPerRun = std::size_t(1) << 30;
     const std::size_t bytes = n * sizeof(float);
     const std::size_t passes = std::max<std::size_t>(1, (kMinBytesPerRun + bytes - 1) / bytes);
     std::vector<float> sinks(static_cast<std::size_t>(threads));
