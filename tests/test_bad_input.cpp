@@ -2,7 +2,7 @@
 // argument it can get. Each row must throw exactly the listed exception type
 // (std::invalid_argument, or std::length_error for a full cache) whose message starts with
 // "kvheads: " and names the offending value; rows on a cache or a layer also check that it
-// is unchanged afterwards (size, position, every K/V element; every weight).
+// is unchanged afterwards (size, position, every K/V element; every weight, the RoPE setting).
 #include <catch2/catch.hpp>
 
 #include <climits>
@@ -319,6 +319,29 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   add("Attention::set_weights", "wo transposed", "wo is 16x32 (expected 32x16)",
       [&] { layer.set_weights(wq, wk, wv, RowMatrix(16, 32)); });
 
+  auto rope = [](float base, int rotary_dim, bool enabled = true) {
+    kvheads::RopeOptions r;
+    r.enabled = enabled;
+    r.base = base;
+    r.rotary_dim = rotary_dim;
+    return r;
+  };
+  add("Attention::set_rope", "base 0", "rope base (0) must be finite and > 0", [&] { layer.set_rope(rope(0.f, 0)); });
+  add("Attention::set_rope", "base -1", "rope base (-1)", [&] { layer.set_rope(rope(-1.f, 0)); });
+  add("Attention::set_rope", "base inf", "rope base (inf)", [&] { layer.set_rope(rope(kInf, 0)); });
+  add("Attention::set_rope", "base nan", "rope base (nan)", [&] { layer.set_rope(rope(kNaN, 0)); });
+  add("Attention::set_rope", "rotary_dim -2", "rope rotary_dim (-2) must be >= 0", [&] { layer.set_rope(rope(1e4f, -2)); });
+  add("Attention::set_rope", "rotary_dim above head_dim", "rope rotary_dim (10) must be at most head_dim (8)",
+      [&] { layer.set_rope(rope(1e4f, 10)); });
+  add("Attention::set_rope", "odd rotary_dim", "rope rotary_dim (3) must be even", [&] { layer.set_rope(rope(1e4f, 3)); });
+  add("Attention::set_rope", "odd head_dim with rotary_dim 0", "head_dim = 7", [] {
+    kvheads::Attention<float>(16, HeadLayout{2, 1, 7}).set_rope([] {
+      kvheads::RopeOptions r;
+      r.enabled = true;
+      return r;
+    }());
+  });
+
   KvCache<float> layer_cache = layer.make_cache(4);
   std::vector<float> x(8 * 16, 0.5f), y(8 * 16);
   layer.forward(x.data(), 3, layer_cache, y.data());
@@ -437,6 +460,7 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     CHECK(CacheState(cache) == cache_before);  // every row, not only the cache rows
     CHECK(CacheState(layer_cache) == layer_cache_before);
     CHECK((layer.wq() == wq && layer.wk() == wk && layer.wv() == wv && layer.wo() == wo));
+    CHECK(!layer.rope().enabled);
   }
   INFO(rows.size() << " rows");
   CHECK(rows.size() > 200);
