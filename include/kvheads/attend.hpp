@@ -34,8 +34,9 @@ inline const float* alibi_slopes_for(int q_heads) {
   thread_local int cached_heads = 0;
   thread_local std::vector<float> cached;
   if (cached_heads != q_heads) {
-    const std::vector<double> slopes = alibi_slopes(q_heads);
-    cached.assign(slopes.begin(), slopes.end());
+    // Grown only, filled in place: alternating layouts allocate nothing after warm-up.
+    if (cached.size() < std::size_t(q_heads)) cached.resize(std::size_t(q_heads));
+    for (int h = 0; h < q_heads; ++h) cached[std::size_t(h)] = float(alibi_slope(h, q_heads));
     cached_heads = q_heads;
   }
   return cached.data();

@@ -197,7 +197,7 @@ inline void qk_by_dims(const float* q_rows, int dim_padded, const float* k, std:
 /// P.V: out[r][chunk c0..c0+Chunks) += sum_j p[j][r] * v_j[...], for Rows rows.
 template <class Isa, int Rows, int Chunks, class HeadDim>
 inline void pv_tile(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
-                    HeadDim head_dim, int first_chunk, float* out, int dim_padded) {
+                    HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
   using V = typename Isa::vec;
   V acc[Rows][Chunks];
   for (int r = 0; r < Rows; ++r)
@@ -207,7 +207,11 @@ inline void pv_tile(const float* p, int rows_padded, const float* v, std::ptrdif
     V value[Chunks];
     for (int c = 0; c < Chunks; ++c) value[c] = load_chunk<Isa>(v + j * v_stride, first_chunk + c, head_dim);
     for (int r = 0; r < Rows; ++r) {
-      const V weight = Isa::broadcast(p[std::ptrdiff_t(j) * rows_padded + r]);
+      const float w = p[std::ptrdiff_t(j) * rows_padded + r];
+      // A masked key has weight exactly 0; skipping it keeps a NaN or inf in a value the
+      // row cannot see out of that row (0 * NaN is NaN). Only masked blocks pay the test.
+      if (skip_zero && w == 0.f) continue;
+      const V weight = Isa::broadcast(w);
       for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
     }
   }
@@ -241,23 +245,23 @@ inline void qk_by_dims_any(int rows, const float* q_rows, int dim_padded, const 
 
 template <class Isa, int Chunks, class HeadDim>
 inline void pv_any_rows(int rows, const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
-                        HeadDim head_dim, int first_chunk, float* out, int dim_padded) {
+                        HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
   switch (rows) {
-    case 1: return pv_tile<Isa, 1, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
-    case 2: return pv_tile<Isa, 2, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
-    case 3: return pv_tile<Isa, 3, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
-    default: return pv_tile<Isa, 4, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    case 1: return pv_tile<Isa, 1, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 2: return pv_tile<Isa, 2, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 3: return pv_tile<Isa, 3, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    default: return pv_tile<Isa, 4, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
   }
 }
 
 template <class Isa, class HeadDim>
 inline void pv_any(int rows, int chunks, const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride,
-                   int keys, HeadDim head_dim, int first_chunk, float* out, int dim_padded) {
+                   int keys, HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
   switch (chunks) {
-    case 1: return pv_any_rows<Isa, 1>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
-    case 2: return pv_any_rows<Isa, 2>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
-    case 3: return pv_any_rows<Isa, 3>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
-    default: return pv_any_rows<Isa, 4>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded);
+    case 1: return pv_any_rows<Isa, 1>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 2: return pv_any_rows<Isa, 2>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 3: return pv_any_rows<Isa, 3>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    default: return pv_any_rows<Isa, 4>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
   }
 }
 
@@ -344,8 +348,9 @@ class FusedTask {
     const std::ptrdiff_t end = std::min(key_end, last_row.last + 1);
     const bool masked = args_.causal || args_.window > 0;
 
-    const KvT* k_head = args_.k + kv_head * args_.kv_head_stride;
-    const KvT* v_head = args_.v + kv_head * args_.kv_head_stride;
+    // k and v may be null when there are no keys: never offset a null pointer.
+    const KvT* k_head = args_.k ? args_.k + kv_head * args_.kv_head_stride : nullptr;
+    const KvT* v_head = args_.v ? args_.v + kv_head * args_.kv_head_stride : nullptr;
     for (int segment = 0; segment < args_.segment_count; ++segment) {
      const KeySegment& stored = args_.segments[segment];
      const std::ptrdiff_t stored_end = std::min(end, stored.first_position + stored.count);
@@ -433,7 +438,8 @@ class FusedTask {
       for (int r = 0; r < rows; r += 4)
         for (int c = 0; c < chunks; c += 4)
           pv_any<Isa>(std::min(4, rows - r), std::min(4, chunks - c), logits + r, rows_padded, v_rows,
-                      row_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_, dim_padded_);
+                      row_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
+                      block_needs_mask);
      }
     }
 
@@ -446,7 +452,7 @@ class FusedTask {
       const float sum = row_sum[r];
       const float inverse = sum > 0.f ? 1.f / sum : (sum == 0.f ? 0.f : sum);  // NaN stays NaN
       const float* row = acc + std::ptrdiff_t(r) * dim_padded_;
-      for (int d = 0; d < head_dim; ++d) dst[d] = row[d] * inverse;
+      for (int d = 0; d < head_dim; ++d) dst[d] = sum == 0.f ? 0.f : row[d] * inverse;
       float lse = sum > 0.f ? row_max[r] + std::log(sum) : (sum == 0.f ? neg_inf : sum);
       if (!lse_rows && args_.sinks) add_sink(dst, lse, args_.sinks[q_head], head_dim);  // split rows get it after the merge
       if (lse_rows)

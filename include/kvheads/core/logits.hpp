@@ -11,6 +11,14 @@ namespace kvheads::detail {
 /// ALiBi slopes for `heads` heads (Press et al., "Train Short, Test Long"): for a power
 /// of two n, slope_i = 2^(-8 i / n), i = 1..n; otherwise the slopes of the largest power
 /// of two m < n, followed by every other slope of 2m for the remaining n - m heads.
+/// The ALiBi slope of head `head` (0-based) among `heads`, by the rule below.
+inline double alibi_slope(int head, int heads) {
+  int power = 1;
+  while (power * 2 <= heads) power *= 2;
+  if (head < power) return std::exp2(-8.0 * (head + 1) / power);
+  return std::exp2(-8.0 * (2 * (head - power) + 1) / (2 * power));
+}
+
 inline std::vector<double> alibi_slopes(int heads) {
   std::vector<double> slopes;
   slopes.reserve(std::size_t(heads));

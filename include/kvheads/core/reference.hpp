@@ -55,16 +55,19 @@ void reference_attend(HeadsView<const float> q, HeadsView<KvT> k, HeadsView<KvT>
       const bool has_sink = options.sinks != nullptr;
       const double sink = has_sink ? double(options.sinks[h]) : 0.0;
       if (has_sink && !(sink <= max)) max = sink;
+      // Every visible logit -inf (and no sink): nothing carries weight, as when every key
+      // is masked; the contract's answer is zeros (and lse -inf), not exp(-inf + inf).
+      const bool no_weight = max == -std::numeric_limits<double>::infinity();
       for (double& a : acc) a = 0;
       double sum = has_sink ? std::exp(sink - max) : 0.0;
-      for (std::ptrdiff_t j = range.first; j <= range.last; ++j) {
+      for (std::ptrdiff_t j = range.first; !no_weight && j <= range.last; ++j) {
         const double p = std::exp(logits[std::size_t(j)] - max);
         sum += p;
         const auto* v_row = v.row(j, kv_head);
         for (int d = 0; d < head_dim; ++d) acc[std::size_t(d)] += p * double(v_row[d]);
       }
       float* out_row = out.row(i, h);
-      const bool none_visible = range.first > range.last;
+      const bool none_visible = range.first > range.last || no_weight;
       for (int d = 0; d < head_dim; ++d) out_row[d] = none_visible ? 0.f : float(acc[std::size_t(d)] / sum);
       if (lse)
         lse[i * layout.q_heads + h] = none_visible && !has_sink ? -std::numeric_limits<float>::infinity()
