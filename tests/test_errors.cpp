@@ -45,7 +45,10 @@ TEST_CASE("bad layouts are rejected with the value and the expectation", "[error
       {{4, 4, kvheads::kMaxHeadDim + 1}, "head_dim (513) must be at most 512"},
   };
   float buffer[4] = {};
-  for (const auto& [layout, message] : cases) {
+  // Not a structured binding: C++17 lambdas cannot capture those (clang rejects it).
+  for (const auto& bad_case : cases) {
+    const HeadLayout& layout = bad_case.first;
+    const std::string& message = bad_case.second;
     expect_error<std::invalid_argument>([&] { layout.validate(); }, message);
     expect_error<std::invalid_argument>([&] { kvheads::attend(buffer, buffer, buffer, buffer, 1, 1, layout); }, message);
     expect_error<std::invalid_argument>([&] { KvCache<float>(layout, 8); }, message);
@@ -131,5 +134,5 @@ TEST_CASE("Attention rejects mismatched layouts, shapes and full caches without 
   kvheads::RowMatrix wrong(3, 3);
   expect_error<std::invalid_argument>([&] { layer.set_weights(wrong, layer.wk(), layer.wv(), layer.wo()); },
                                       "wq is 3x3 (expected 16x32)");
-  expect_error<std::invalid_argument>([&] { layer.forward(kvheads::RowMatrix(2, 5), cache); }, "x has 5 columns");
+  expect_error<std::invalid_argument>([&] { layer.forward(kvheads::RowMatrix::Zero(2, 5), cache); }, "x has 5 columns");
 }

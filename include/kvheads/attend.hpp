@@ -12,6 +12,7 @@
 #include "kvheads/core/logits.hpp"
 #include "kvheads/core/parallel.hpp"
 #include "kvheads/head_layout.hpp"
+#include "kvheads/kernel_instances.hpp"
 #include "kvheads/kv_cache.hpp"
 #include "kvheads/options.hpp"
 #include "kvheads/simd/simd.hpp"

@@ -652,12 +652,18 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
 
 /// Run-time head_dim and group size to the compile-time instantiations of the common
 /// shapes; anything else runs the same kernel with run-time sizes. All items share a layout.
+/// Building with KVHEADS_SHAPE_SPECIALIZATIONS=0 keeps only the run-time-size kernel:
+/// the same code and results up to fp32 rounding, slower, but about 30 times less to
+/// compile per ISA (our sanitizer builds use it; see .ci/run).
+#ifndef KVHEADS_SHAPE_SPECIALIZATIONS
+#define KVHEADS_SHAPE_SPECIALIZATIONS 1
+#endif
 template <class Isa, int HeadDimStatic, class KvT>
 void dispatch_group(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
   // Reduced-precision caches are read through the widening stage and are memory-bound;
   // a compile-time group size buys them nothing but compile time, so they run the
   // run-time-group instantiation.
-  if constexpr (!std::is_same_v<KvT, float>) {
+  if constexpr (!std::is_same_v<KvT, float> || !KVHEADS_SHAPE_SPECIALIZATIONS) {
     run_fused_batch<Isa, HeadDimStatic, Dynamic>(items, count);
   } else {
     switch (items[0].layout.group_size()) {
@@ -674,13 +680,17 @@ void dispatch_group(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
 template <class Isa, class KvT>
 void dispatch_fused(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
   if (count == 0) return;
-  switch (items[0].layout.head_dim) {
-    case 64: return dispatch_group<Isa, 64>(items, count);
-    case 80: return dispatch_group<Isa, 80>(items, count);
-    case 96: return dispatch_group<Isa, 96>(items, count);
-    case 128: return dispatch_group<Isa, 128>(items, count);
-    case 256: return dispatch_group<Isa, 256>(items, count);
-    default: return dispatch_group<Isa, Dynamic>(items, count);
+  if constexpr (!KVHEADS_SHAPE_SPECIALIZATIONS) {
+    dispatch_group<Isa, Dynamic>(items, count);
+  } else {
+    switch (items[0].layout.head_dim) {
+      case 64: return dispatch_group<Isa, 64>(items, count);
+      case 80: return dispatch_group<Isa, 80>(items, count);
+      case 96: return dispatch_group<Isa, 96>(items, count);
+      case 128: return dispatch_group<Isa, 128>(items, count);
+      case 256: return dispatch_group<Isa, 256>(items, count);
+      default: return dispatch_group<Isa, Dynamic>(items, count);
+    }
   }
 }
 
