@@ -216,14 +216,23 @@ int main() {
   for (int round = 0; round < 12; ++round)
     for (const Scenario& s : scenarios) s.call();
 
+  // Tasks are claimed dynamically, so on a loaded machine a pool worker may get its first
+  // task of some shape only now and grow its scratch once (the documented one-time cost,
+  // never repeated). A scenario therefore gets up to kAttempts measurements and passes
+  // when one of them allocates nothing; an allocation made per call fails every attempt.
   constexpr int kCalls = 8;
+  constexpr int kAttempts = 3;
   int failures = 0;
   for (const Scenario& s : scenarios) {
-    allocations.store(0);
-    counting.store(true);
-    for (int round = 0; round < kCalls; ++round) s.call();
-    counting.store(false);
-    const long n = allocations.load();
+    long n = 0;
+    for (int attempt = 0; attempt < kAttempts; ++attempt) {
+      allocations.store(0);
+      counting.store(true);
+      for (int round = 0; round < kCalls; ++round) s.call();
+      counting.store(false);
+      n = allocations.load();
+      if (n == 0) break;
+    }
     std::printf("%-60s %s (%ld allocations in %d calls)\n", s.name.c_str(), n == 0 ? "ok" : "FAILED", n, kCalls);
     if (n != 0) ++failures;
   }

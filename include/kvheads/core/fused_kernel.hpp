@@ -9,8 +9,11 @@
 // head, and no q_len x kv_len matrix ever exists: a block's logits live in a
 // [key_block][rows] scratch that stays in L1.
 //
-// Logits are stored key-major ([key][row]) so the softmax, masks and ALiBi are vertical
-// vector operations over rows, and P.V broadcasts one probability per (key, row).
+// With many rows (prefill, large groups) logits are stored key-major ([key][row]) so the
+// softmax, masks and ALiBi are vertical vector operations over rows. With fewer rows than
+// half a vector (decode with small groups) that would waste most lanes, so logits are
+// stored row-major ([row][key]) and the same steps run along the keys instead. P.V
+// broadcasts one probability per (key, row) either way.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -109,6 +112,17 @@ inline void widen_rows(const KvT* src, std::ptrdiff_t src_stride, int rows, Head
   }
 }
 
+/// 0, 1, ..., N-1 as floats: the key offsets within a block, loaded as a vector.
+template <int N>
+struct KeyOffsets {
+  float values[N];
+  constexpr KeyOffsets() : values() {
+    for (int i = 0; i < N; ++i) values[i] = float(i);
+  }
+};
+template <int N>
+inline constexpr KeyOffsets<N> key_offsets{};
+
 /// A compile-time size, or a run-time one when the template argument is Dynamic.
 template <int Static>
 struct Size {
@@ -173,10 +187,10 @@ inline typename Isa::vec load_chunk(const float* row, int c, HeadDim head_dim) {
 
 /// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim,
 /// one horizontal sum per (row, key). `q_rows` are scaled queries padded with zeros to
-/// whole vectors ([rows][dim_padded]).
+/// whole vectors ([rows][dim_padded]); logit (key j, row r) goes to logits[r * row_stride + j].
 template <class Isa, int Rows, int Keys, class HeadDim>
 inline void qk_by_dims(const float* q_rows, int dim_padded, const float* k, std::ptrdiff_t k_stride,
-                       HeadDim head_dim, int rows_padded, float* logits) {
+                       HeadDim head_dim, int row_stride, float* logits) {
   using V = typename Isa::vec;
   V acc[Rows][Keys];
   for (int r = 0; r < Rows; ++r)
@@ -191,12 +205,13 @@ inline void qk_by_dims(const float* q_rows, int dim_padded, const float* k, std:
     }
   }
   for (int j = 0; j < Keys; ++j)
-    for (int r = 0; r < Rows; ++r) logits[j * rows_padded + r] = Isa::reduce_sum(acc[r][j]);
+    for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = Isa::reduce_sum(acc[r][j]);
 }
 
-/// P.V: out[r][chunk c0..c0+Chunks) += sum_j p[j][r] * v_j[...], for Rows rows.
+/// P.V: out[r][chunk c0..c0+Chunks) += sum_j p(j, r) * v_j[...], for Rows rows, where
+/// p(j, r) = p[j * p_key_stride + r * p_row_stride] (key-major or row-major logits).
 template <class Isa, int Rows, int Chunks, class HeadDim>
-inline void pv_tile(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
+inline void pv_tile(const float* p, int p_key_stride, int p_row_stride, const float* v, std::ptrdiff_t v_stride, int keys,
                     HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
   using V = typename Isa::vec;
   V acc[Rows][Chunks];
@@ -207,7 +222,7 @@ inline void pv_tile(const float* p, int rows_padded, const float* v, std::ptrdif
     V value[Chunks];
     for (int c = 0; c < Chunks; ++c) value[c] = load_chunk<Isa>(v + j * v_stride, first_chunk + c, head_dim);
     for (int r = 0; r < Rows; ++r) {
-      const float w = p[std::ptrdiff_t(j) * rows_padded + r];
+      const float w = p[std::ptrdiff_t(j) * p_key_stride + std::ptrdiff_t(r) * p_row_stride];
       // A masked key has weight exactly 0; skipping it keeps a NaN or inf in a value the
       // row cannot see out of that row (0 * NaN is NaN). Only masked blocks pay the test.
       if (skip_zero && w == 0.f) continue;
@@ -234,34 +249,40 @@ inline void qk_by_rows_any(int row_vecs, const float* qt, int rows_padded, const
 
 template <class Isa, int Keys, class HeadDim>
 inline void qk_by_dims_any(int rows, const float* q_rows, int dim_padded, const float* k, std::ptrdiff_t k_stride,
-                           HeadDim head_dim, int rows_padded, float* logits) {
+                           HeadDim head_dim, int row_stride, float* logits) {
   switch (rows) {
-    case 1: return qk_by_dims<Isa, 1, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
-    case 2: return qk_by_dims<Isa, 2, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
-    case 3: return qk_by_dims<Isa, 3, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
-    default: return qk_by_dims<Isa, 4, Keys>(q_rows, dim_padded, k, k_stride, head_dim, rows_padded, logits);
+    case 1: return qk_by_dims<Isa, 1, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
+    case 2: return qk_by_dims<Isa, 2, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
+    case 3: return qk_by_dims<Isa, 3, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
+    default: return qk_by_dims<Isa, 4, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
   }
 }
 
+/// The strides of the block's logits, p(j, r) = p[j * key + r * row].
+struct LogitStrides {
+  int key, row;
+};
+
 template <class Isa, int Chunks, class HeadDim>
-inline void pv_any_rows(int rows, const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
-                        HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
+inline void pv_any_rows(int rows, const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride,
+                        int keys, HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
+  const int ks = strides.key, rs = strides.row;
   switch (rows) {
-    case 1: return pv_tile<Isa, 1, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 2: return pv_tile<Isa, 2, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 3: return pv_tile<Isa, 3, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    default: return pv_tile<Isa, 4, Chunks>(p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 1: return pv_tile<Isa, 1, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 2: return pv_tile<Isa, 2, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 3: return pv_tile<Isa, 3, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    default: return pv_tile<Isa, 4, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
   }
 }
 
 template <class Isa, class HeadDim>
-inline void pv_any(int rows, int chunks, const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride,
+inline void pv_any(int rows, int chunks, const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride,
                    int keys, HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
   switch (chunks) {
-    case 1: return pv_any_rows<Isa, 1>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 2: return pv_any_rows<Isa, 2>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 3: return pv_any_rows<Isa, 3>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    default: return pv_any_rows<Isa, 4>(rows, p, rows_padded, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 1: return pv_any_rows<Isa, 1>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 2: return pv_any_rows<Isa, 2>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    case 3: return pv_any_rows<Isa, 3>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+    default: return pv_any_rows<Isa, 4>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
   }
 }
 
@@ -380,29 +401,48 @@ class FusedTask {
         row_stride = dim_padded_;
       }
 
+      // While this block computes, bring the next block's K and V rows toward L2, a few
+      // rows per step of the Q.K loop: the hardware prefetcher alone leaves the memory
+      // bus idle between blocks, and decode is memory-bound.
+      const std::ptrdiff_t next_keys = std::min<std::ptrdiff_t>(key_block, stored_end - (block + key_block));
+      const KvT* next_k = next_keys > 0 ? k + key_block * args_.kv_token_stride : nullptr;
+      const KvT* next_v = next_keys > 0 ? v + key_block * args_.kv_token_stride : nullptr;
+      const auto prefetch_next = [&](int first_key, int count) {
+        const int last = int(std::min<std::ptrdiff_t>(first_key + count, next_keys));
+        for (int key = first_key; key < last; ++key)
+          for (int byte = 0; byte < head_dim * int(sizeof(KvT)); byte += 64) {
+            simd::prefetch_l2(reinterpret_cast<const char*>(next_k + key * args_.kv_token_stride) + byte);
+            simd::prefetch_l2(reinterpret_cast<const char*>(next_v + key * args_.kv_token_stride) + byte);
+          }
+      };
+
       // Logits of the block.
-      if (by_dims) {
+      if (by_dims) {  // row-major logits: row r at logits + r * key_block
         int j = 0;
-        for (; j + 4 <= keys; j += 4)
+        for (; j + 4 <= keys; j += 4) {
+          prefetch_next(j, 4);
           for (int r = 0; r < rows; r += 4)
             qk_by_dims_any<Isa, 4>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
-                                   k_rows + j * row_stride, row_stride, head_dim_, rows_padded,
-                                   logits + std::ptrdiff_t(j) * rows_padded + r);
+                                   k_rows + j * row_stride, row_stride, head_dim_, key_block,
+                                   logits + std::ptrdiff_t(r) * key_block + j);
+        }
+        prefetch_next(j, key_block - j);
         for (; j < keys; ++j)
           for (int r = 0; r < rows; r += 4)
             qk_by_dims_any<Isa, 1>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
-                                   k_rows + j * row_stride, row_stride, head_dim_, rows_padded,
-                                   logits + std::ptrdiff_t(j) * rows_padded + r);
-        for (int j2 = 0; j2 < keys; ++j2)  // padded lanes must hold finite values
-          for (int r = rows; r < rows_padded; ++r) logits[std::ptrdiff_t(j2) * rows_padded + r] = 0.f;
+                                   k_rows + j * row_stride, row_stride, head_dim_, key_block,
+                                   logits + std::ptrdiff_t(r) * key_block + j);
       } else {
         const int row_vecs = rows_padded / width;
         int j = 0;
-        for (; j + 4 <= keys; j += 4)
+        for (; j + 4 <= keys; j += 4) {
+          prefetch_next(j, 4);
           for (int rv = 0; rv < row_vecs; rv += 4)
             qk_by_rows_any<Isa, 4>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
                                    k_rows + j * row_stride, row_stride, head_dim,
                                    logits + std::ptrdiff_t(j) * rows_padded + rv * width);
+        }
+        prefetch_next(j, key_block - j);
         for (; j < keys; ++j)
           for (int rv = 0; rv < row_vecs; rv += 4)
             qk_by_rows_any<Isa, 1>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
@@ -424,8 +464,18 @@ class FusedTask {
           row_bias[r] = float(block - position);
         }
       }
-      transform_logits(logits, keys, rows_padded, block_needs_mask, row_first, row_last, row_slope, row_bias);
-      update_softmax(logits, keys, rows_padded, row_max, row_sum, row_scale);
+      if (by_dims) {
+        const int keys_padded = round_up(keys, width);
+        transform_logits_by_row(logits, keys_padded, rows, block_needs_mask, row_first, row_last, row_slope, row_bias);
+        // Lanes past the block's last key take part in whole-vector steps: make them
+        // -inf, i.e. probability 0 (after the transforms, which would map -inf to finite).
+        for (int r = 0; r < rows; ++r)
+          for (int j = keys; j < keys_padded; ++j) logits[std::ptrdiff_t(r) * key_block + j] = neg_inf;
+        update_softmax_by_row(logits, keys_padded, rows, row_max, row_sum, row_scale);
+      } else {
+        transform_logits(logits, keys, rows_padded, block_needs_mask, row_first, row_last, row_slope, row_bias);
+        update_softmax(logits, keys, rows_padded, row_max, row_sum, row_scale);
+      }
 
       // Rescale what earlier blocks accumulated, then add this block's P.V.
       for (int r = 0; r < rows; ++r) {
@@ -435,11 +485,12 @@ class FusedTask {
         for (int d = 0; d < dim_padded_; d += width) Isa::store(row + d, Isa::mul(factor, Isa::load(row + d)));
       }
       const int chunks = dim_padded_ / width;
+      const LogitStrides strides = by_dims ? LogitStrides{1, key_block} : LogitStrides{rows_padded, 1};
       for (int r = 0; r < rows; r += 4)
         for (int c = 0; c < chunks; c += 4)
-          pv_any<Isa>(std::min(4, rows - r), std::min(4, chunks - c), logits + r, rows_padded, v_rows,
-                      row_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
-                      block_needs_mask);
+          pv_any<Isa>(std::min(4, rows - r), std::min(4, chunks - c), logits + std::ptrdiff_t(r) * strides.row,
+                      strides, v_rows, row_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_,
+                      dim_padded_, block_needs_mask);
      }
     }
 
@@ -489,6 +540,59 @@ class FusedTask {
         }
         Isa::store(p, s);
       }
+    }
+  }
+
+  /// transform_logits for row-major logits ([row][key_block]), vectorised along the keys.
+  void transform_logits_by_row(float* logits, int keys_padded, int rows, bool mask, const float* row_first,
+                               const float* row_last, const float* row_slope, const float* row_bias) const {
+    const bool softcap = args_.softcap > 0.f;
+    const bool alibi = args_.alibi_slopes != nullptr;
+    if (!softcap && !alibi && !mask) return;
+    const V cap = Isa::broadcast(args_.softcap);
+    const V inverse_cap = Isa::broadcast(softcap ? 1.f / args_.softcap : 0.f);
+    const V minus_inf = Isa::broadcast(neg_inf);
+    for (int r = 0; r < rows; ++r) {
+      const V first = Isa::broadcast(row_first[r]), last = Isa::broadcast(row_last[r]);
+      const V slope = Isa::broadcast(row_slope[r]), bias = Isa::broadcast(row_bias[r]);
+      float* row = logits + std::ptrdiff_t(r) * key_block;
+      for (int j = 0; j < keys_padded; j += width) {
+        V s = Isa::load(row + j);
+        const V key = Isa::load(key_offsets<key_block>.values + j);
+        if (softcap) s = Isa::mul(cap, simd::tanh<Isa>(Isa::mul(s, inverse_cap)));
+        if (alibi) s = Isa::fma(slope, Isa::add(bias, key), s);
+        if (mask) {
+          s = Isa::select_less(key, first, minus_inf, s);
+          s = Isa::select_less(last, key, minus_inf, s);
+        }
+        Isa::store(row + j, s);
+      }
+    }
+  }
+
+  /// update_softmax for row-major logits: one row at a time, vectorised along the keys,
+  /// so a decode row costs keys / width exponentials rather than keys.
+  static void update_softmax_by_row(float* logits, int keys_padded, int rows, float* row_max, float* row_sum,
+                                    float* row_scale) {
+    for (int r = 0; r < rows; ++r) {
+      float* row = logits + std::ptrdiff_t(r) * key_block;
+      V block_max = Isa::broadcast(neg_inf);
+      for (int j = 0; j < keys_padded; j += width) block_max = Isa::max(block_max, Isa::load(row + j));
+      const float old_max = row_max[r];
+      const float new_max = std::fmax(old_max, Isa::reduce_max(block_max));
+      // As in update_softmax: a row that has seen only masked keys subtracts 0, not -inf.
+      const float shift = new_max < -std::numeric_limits<float>::max() ? 0.f : new_max;
+      const V shift_vec = Isa::broadcast(shift);
+      V sum = Isa::zero();
+      for (int j = 0; j < keys_padded; j += width) {
+        const V weight = simd::exp<Isa>(Isa::sub(Isa::load(row + j), shift_vec));
+        Isa::store(row + j, weight);
+        sum = Isa::add(sum, weight);
+      }
+      const float factor = std::exp(old_max - shift);
+      row_sum[r] = row_sum[r] * factor + Isa::reduce_sum(sum);
+      row_max[r] = new_max;
+      row_scale[r] = factor;
     }
   }
 
@@ -681,6 +785,12 @@ template <class Isa, class KvT>
 void dispatch_fused(const AttendArgs<KvT>* items, std::ptrdiff_t count) {
   if (count == 0) return;
   if constexpr (!KVHEADS_SHAPE_SPECIALIZATIONS) {
+    dispatch_group<Isa, Dynamic>(items, count);
+  } else if constexpr (!std::is_same_v<KvT, float>) {
+    // Reduced-precision storage is widened to fp32 in L1 scratch first, and decode over it
+    // is memory-bound: only the most common head_dim gets its own instantiation, which
+    // keeps the compile time of the three storage types below that of fp32 alone.
+    if (items[0].layout.head_dim == 128) return dispatch_group<Isa, 128>(items, count);
     dispatch_group<Isa, Dynamic>(items, count);
   } else {
     switch (items[0].layout.head_dim) {
