@@ -516,56 +516,62 @@ class FusedTask {
  private:
   static int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
 
-  /// Softcap, ALiBi and masks, in the order of the contract, vertically over rows.
+  /// Softcap, ALiBi and masks of one vector of logits, in the order of the contract; the
+  /// two logit layouts below differ only in which lanes a vector holds.
+  struct LogitTransform {
+    bool softcap, alibi, mask;
+    V cap, inverse_cap, minus_inf;
+
+    LogitTransform(const AttendArgs<KvT>& args, bool masked)
+        : softcap(args.softcap > 0.f),
+          alibi(args.alibi_slopes != nullptr),
+          mask(masked),
+          cap(Isa::broadcast(args.softcap)),
+          inverse_cap(Isa::broadcast(args.softcap > 0.f ? 1.f / args.softcap : 0.f)),
+          minus_inf(Isa::broadcast(neg_inf)) {}
+
+    bool any() const { return softcap || alibi || mask; }
+
+    /// key: each lane's key offset in the block; first/last: the visible key offsets of
+    /// each lane's row; slope, bias: its ALiBi slope and (block start - query position).
+    V apply(V s, V key, V first, V last, V slope, V bias) const {
+      if (softcap) s = Isa::mul(cap, simd::tanh<Isa>(Isa::mul(s, inverse_cap)));
+      if (alibi) s = Isa::fma(slope, Isa::add(bias, key), s);
+      if (mask) {
+        s = Isa::select_less(key, first, minus_inf, s);
+        s = Isa::select_less(last, key, minus_inf, s);
+      }
+      return s;
+    }
+  };
+
+  /// The transforms over key-major logits ([key][rows_padded]), vertically over rows.
   void transform_logits(float* logits, int keys, int rows_padded, bool mask, const float* row_first,
                         const float* row_last, const float* row_slope, const float* row_bias) const {
-    const bool softcap = args_.softcap > 0.f;
-    const bool alibi = args_.alibi_slopes != nullptr;
-    if (!softcap && !alibi && !mask) return;
-    const V cap = Isa::broadcast(args_.softcap);
-    const V inverse_cap = Isa::broadcast(softcap ? 1.f / args_.softcap : 0.f);
-    const V minus_inf = Isa::broadcast(neg_inf);
+    const LogitTransform transform(args_, mask);
+    if (!transform.any()) return;
     for (int rv = 0; rv < rows_padded; rv += width) {
       const V first = Isa::load(row_first + rv), last = Isa::load(row_last + rv);
       const V slope = Isa::load(row_slope + rv), bias = Isa::load(row_bias + rv);
       for (int j = 0; j < keys; ++j) {
         float* p = logits + std::ptrdiff_t(j) * rows_padded + rv;
-        V s = Isa::load(p);
-        const V key = Isa::broadcast(float(j));
-        if (softcap) s = Isa::mul(cap, simd::tanh<Isa>(Isa::mul(s, inverse_cap)));
-        if (alibi) s = Isa::fma(slope, Isa::add(bias, key), s);
-        if (mask) {
-          s = Isa::select_less(key, first, minus_inf, s);
-          s = Isa::select_less(last, key, minus_inf, s);
-        }
-        Isa::store(p, s);
+        Isa::store(p, transform.apply(Isa::load(p), Isa::broadcast(float(j)), first, last, slope, bias));
       }
     }
   }
 
-  /// transform_logits for row-major logits ([row][key_block]), vectorised along the keys.
+  /// The transforms over row-major logits ([row][key_block]), vectorised along the keys.
   void transform_logits_by_row(float* logits, int keys_padded, int rows, bool mask, const float* row_first,
                                const float* row_last, const float* row_slope, const float* row_bias) const {
-    const bool softcap = args_.softcap > 0.f;
-    const bool alibi = args_.alibi_slopes != nullptr;
-    if (!softcap && !alibi && !mask) return;
-    const V cap = Isa::broadcast(args_.softcap);
-    const V inverse_cap = Isa::broadcast(softcap ? 1.f / args_.softcap : 0.f);
-    const V minus_inf = Isa::broadcast(neg_inf);
+    const LogitTransform transform(args_, mask);
+    if (!transform.any()) return;
     for (int r = 0; r < rows; ++r) {
       const V first = Isa::broadcast(row_first[r]), last = Isa::broadcast(row_last[r]);
       const V slope = Isa::broadcast(row_slope[r]), bias = Isa::broadcast(row_bias[r]);
       float* row = logits + std::ptrdiff_t(r) * key_block;
       for (int j = 0; j < keys_padded; j += width) {
-        V s = Isa::load(row + j);
         const V key = Isa::load(key_offsets<key_block>.values + j);
-        if (softcap) s = Isa::mul(cap, simd::tanh<Isa>(Isa::mul(s, inverse_cap)));
-        if (alibi) s = Isa::fma(slope, Isa::add(bias, key), s);
-        if (mask) {
-          s = Isa::select_less(key, first, minus_inf, s);
-          s = Isa::select_less(last, key, minus_inf, s);
-        }
-        Isa::store(row + j, s);
+        Isa::store(row + j, transform.apply(Isa::load(row + j), key, first, last, slope, bias));
       }
     }
   }
