@@ -326,6 +326,31 @@ TEST_CASE("simd: reduce_sum and reduce_max over every lane count", "[simd]") {
   });
 }
 
+TEST_CASE("simd: reduce_sum_each sums each of width vectors into its lane", "[simd]") {
+  for_each_runnable_isa([](auto isa) {
+    using Isa = decltype(isa);
+    using V = typename Isa::vec;
+    // Input i holds i * 100 + lane + 1 in each lane: every sum is distinct and exact, so a
+    // lane that summed the wrong input or the wrong lanes shows up.
+    V inputs[max_width];
+    std::array<float, max_width> expected, lanes, got;
+    for (int i = 0; i < Isa::width; ++i) {
+      double sum = 0;
+      for (int lane = 0; lane < Isa::width; ++lane) {
+        lanes[std::size_t(lane)] = float(i * 100 + lane * lane + 1);
+        sum += lanes[std::size_t(lane)];
+      }
+      inputs[i] = Isa::load(lanes.data());
+      expected[std::size_t(i)] = float(sum);
+    }
+    Isa::store(got.data(), Isa::reduce_sum_each(inputs));
+    for (int i = 0; i < Isa::width; ++i) {
+      INFO(Isa::name << " lane " << i);
+      CHECK(got[std::size_t(i)] == expected[std::size_t(i)]);
+    }
+  });
+}
+
 TEST_CASE("simd: round is to nearest, ties to even", "[simd]") {
   const std::vector<float> values = {0.5f,    1.5f,   2.5f,     3.5f,  -0.5f,        -1.5f,      -2.5f,       0.49999997f,
                                      -0.49999997f, 0.50000006f, 2.4f, -3.7f, 8388607.5f, -8388607.5f, 8388609.f, 1e10f,

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kvheads/core/logits.hpp"
@@ -87,9 +88,6 @@ inline void add_sink(float* row, float& lse, float sink, int head_dim) {
   lse = max + std::log(row_weight + sink_weight);
 }
 
-/// Reads one stored K/V element as float (storage types add overloads).
-inline float kv_to_float(float x) { return x; }
-
 /// Widens `rows` stored rows of head_dim elements (times a per-row scale for int8) into
 /// fp32 rows of dim_padded floats, zero-padded. Whole vectors convert in registers
 /// through simd::widen; the tail goes element by element.
@@ -145,22 +143,40 @@ inline float* thread_scratch(std::size_t floats, int slot) {
   return buffer.data();
 }
 
+/// Register tiles of the micro-kernels. Each tile keeps its accumulators, one operand
+/// vector set and a broadcast in registers; the shapes also keep the loads (operand
+/// vectors + broadcasts) at or below about half the FMAs, since the load ports, not the
+/// FMA units, limit these loops once operands are reloaded (measured on AVX-512: Q.K at
+/// 2 row vectors x 4 keys reaches 30% of FMA peak, at 2 x 8 keys 90%).
 template <class Isa>
 struct Tiling {
   static constexpr int width = Isa::width;
+  static constexpr bool many_registers = Isa::registers >= 32;
   /// Rows per task: four vectors' worth keeps the Q.K micro-kernel FMA-bound.
   static constexpr int target_rows = 4 * width < 16 ? 16 : 4 * width;
   static constexpr int key_block = 64;
+  /// Q.K by rows: up to qk_row_vecs row vectors x qk_keys keys (2 x 8: 16 accumulators).
+  static constexpr int qk_row_vecs = 2;
+  static constexpr int qk_keys = many_registers ? 8 : 4;
+  /// Q.K by dims (few rows): dims_rows rows x dims_keys keys.
+  static constexpr int dims_rows = 4;
+  static constexpr int dims_keys = many_registers ? 4 : 2;
+  /// P.V: pv_rows rows x pv_chunks vectors of head_dim.
+  static constexpr int pv_rows = 4;
+  static constexpr int pv_chunks = many_registers ? 4 : 2;
+  static_assert(key_block % qk_keys == 0 && key_block % dims_keys == 0, "whole tiles per full key block");
 };
 
 // ---------------------------------------------------------------------------------------
-// Micro-kernels. Each computes a register tile; the driver walks tiles.
+// Micro-kernels. Each computes a register tile; the driver walks tiles. K and V rows
+// always hold whole vectors here (a head_dim that is not a multiple of the width is
+// staged into zero-padded rows first), so no load in these loops is partial.
 
 /// Q.K for many rows: logits[j][rows] += sum_d qt[d][rows] * k_j[d], vectorised over rows.
 /// `qt` is the scaled queries transposed ([head_dim][rows_padded]); each K element is
 /// broadcast once and feeds RowVecs x Keys FMAs.
-template <class Isa, int RowVecs, int Keys, class KvT>
-inline void qk_by_rows(const float* qt, int rows_padded, const KvT* k, std::ptrdiff_t k_stride, int head_dim,
+template <class Isa, int RowVecs, int Keys>
+inline void qk_by_rows(const float* qt, int rows_padded, const float* k, std::ptrdiff_t k_stride, int head_dim,
                        float* logits) {
   using V = typename Isa::vec;
   V acc[RowVecs][Keys];
@@ -168,9 +184,12 @@ inline void qk_by_rows(const float* qt, int rows_padded, const KvT* k, std::ptrd
     for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
   for (int d = 0; d < head_dim; ++d) {
     V q[RowVecs];
-    for (int r = 0; r < RowVecs; ++r) q[r] = Isa::load(qt + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
+    for (int r = 0; r < RowVecs; ++r) {
+      q[r] = Isa::load(qt + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
+      Isa::hold(q[r]);
+    }
     for (int j = 0; j < Keys; ++j) {
-      const V key = Isa::broadcast(kv_to_float(k[j * k_stride + d]));
+      const V key = Isa::broadcast(k[j * k_stride + d]);
       for (int r = 0; r < RowVecs; ++r) acc[r][j] = Isa::fma(q[r], key, acc[r][j]);
     }
   }
@@ -178,83 +197,41 @@ inline void qk_by_rows(const float* qt, int rows_padded, const KvT* k, std::ptrd
     for (int r = 0; r < RowVecs; ++r) Isa::store(logits + j * rows_padded + r * Isa::width, acc[r][j]);
 }
 
-/// Loads head_dim elements' chunk `c` of a K/V row (partial on the tail chunk).
-template <class Isa, class HeadDim>
-inline typename Isa::vec load_chunk(const float* row, int c, HeadDim head_dim) {
-  const int remaining = head_dim.get() - c * Isa::width;
-  return remaining >= Isa::width ? Isa::load(row + c * Isa::width) : Isa::load_partial(row + c * Isa::width, remaining);
-}
-
-/// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim,
-/// one horizontal sum per (row, key). `q_rows` are scaled queries padded with zeros to
-/// whole vectors ([rows][dim_padded]); logit (key j, row r) goes to logits[r * row_stride + j].
-template <class Isa, int Rows, int Keys, class HeadDim>
-inline void qk_by_dims(const float* q_rows, int dim_padded, const float* k, std::ptrdiff_t k_stride,
-                       HeadDim head_dim, int row_stride, float* logits) {
+/// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim.
+/// `q_rows` are scaled queries padded with zeros to whole vectors ([rows][dim_padded]);
+/// logit (key j, row r) goes to logits[r * row_stride + j]. The Rows x Keys horizontal
+/// sums are done width at a time by reduce_sum_each when the tile fills at least half of
+/// them (a fraction of reduce_sum's cost each), else one by one.
+template <class Isa, int Rows, int Keys, class DimPadded>
+inline void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k, std::ptrdiff_t k_stride,
+                       int row_stride, float* logits) {
   using V = typename Isa::vec;
-  V acc[Rows][Keys];
-  for (int r = 0; r < Rows; ++r)
-    for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
-  const int chunks = (head_dim.get() + Isa::width - 1) / Isa::width;
-  for (int c = 0; c < chunks; ++c) {
+  constexpr int width = Isa::width, sums = Rows * Keys;
+  V acc[Rows * Keys];  // acc[r * Keys + j]
+  for (int i = 0; i < sums; ++i) acc[i] = Isa::zero();
+  for (int d = 0; d < dim_padded.get(); d += width) {
     V key[Keys];
-    for (int j = 0; j < Keys; ++j) key[j] = load_chunk<Isa>(k + j * k_stride, c, head_dim);
+    for (int j = 0; j < Keys; ++j) {
+      key[j] = Isa::load(k + j * k_stride + d);
+      Isa::hold(key[j]);
+    }
     for (int r = 0; r < Rows; ++r) {
-      const V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded + c * Isa::width);
-      for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::fma(q, key[j], acc[r][j]);
+      V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + d);
+      Isa::hold(q);
+      for (int j = 0; j < Keys; ++j) acc[r * Keys + j] = Isa::fma(q, key[j], acc[r * Keys + j]);
     }
   }
-  for (int j = 0; j < Keys; ++j)
-    for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = Isa::reduce_sum(acc[r][j]);
-}
-
-/// P.V: out[r][chunk c0..c0+Chunks) += sum_j p(j, r) * v_j[...], for Rows rows, where
-/// p(j, r) = p[j * p_key_stride + r * p_row_stride] (key-major or row-major logits).
-template <class Isa, int Rows, int Chunks, class HeadDim>
-inline void pv_tile(const float* p, int p_key_stride, int p_row_stride, const float* v, std::ptrdiff_t v_stride, int keys,
-                    HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
-  using V = typename Isa::vec;
-  V acc[Rows][Chunks];
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Chunks; ++c)
-      acc[r][c] = Isa::load(out + std::ptrdiff_t(r) * dim_padded + (first_chunk + c) * Isa::width);
-  for (int j = 0; j < keys; ++j) {
-    V value[Chunks];
-    for (int c = 0; c < Chunks; ++c) value[c] = load_chunk<Isa>(v + j * v_stride, first_chunk + c, head_dim);
-    for (int r = 0; r < Rows; ++r) {
-      const float w = p[std::ptrdiff_t(j) * p_key_stride + std::ptrdiff_t(r) * p_row_stride];
-      // A masked key has weight exactly 0; skipping it keeps a NaN or inf in a value the
-      // row cannot see out of that row (0 * NaN is NaN). Only masked blocks pay the test.
-      if (skip_zero && w == 0.f) continue;
-      const V weight = Isa::broadcast(w);
-      for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Chunks; ++c)
-      Isa::store(out + std::ptrdiff_t(r) * dim_padded + (first_chunk + c) * Isa::width, acc[r][c]);
-}
-
-// Dispatch a run-time tile remainder (1..4) to the compile-time micro-kernels.
-template <class Isa, int Keys, class KvT>
-inline void qk_by_rows_any(int row_vecs, const float* qt, int rows_padded, const KvT* k, std::ptrdiff_t k_stride,
-                           int head_dim, float* logits) {
-  switch (row_vecs) {
-    case 1: return qk_by_rows<Isa, 1, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
-    case 2: return qk_by_rows<Isa, 2, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
-    case 3: return qk_by_rows<Isa, 3, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
-    default: return qk_by_rows<Isa, 4, Keys>(qt, rows_padded, k, k_stride, head_dim, logits);
-  }
-}
-
-template <class Isa, int Keys, class HeadDim>
-inline void qk_by_dims_any(int rows, const float* q_rows, int dim_padded, const float* k, std::ptrdiff_t k_stride,
-                           HeadDim head_dim, int row_stride, float* logits) {
-  switch (rows) {
-    case 1: return qk_by_dims<Isa, 1, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
-    case 2: return qk_by_dims<Isa, 2, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
-    case 3: return qk_by_dims<Isa, 3, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
-    default: return qk_by_dims<Isa, 4, Keys>(q_rows, dim_padded, k, k_stride, head_dim, row_stride, logits);
+  if constexpr (2 * sums >= width && width > 1) {
+    constexpr int groups = (sums + width - 1) / width;
+    V padded[groups * width];
+    for (int i = 0; i < groups * width; ++i) padded[i] = i < sums ? acc[i] : Isa::zero();
+    float sum[groups * width];
+    for (int g = 0; g < groups; ++g) Isa::store(sum + g * width, Isa::reduce_sum_each(padded + g * width));
+    for (int r = 0; r < Rows; ++r)
+      for (int j = 0; j < Keys; ++j) logits[std::ptrdiff_t(r) * row_stride + j] = sum[r * Keys + j];
+  } else {
+    for (int r = 0; r < Rows; ++r)
+      for (int j = 0; j < Keys; ++j) logits[std::ptrdiff_t(r) * row_stride + j] = Isa::reduce_sum(acc[r * Keys + j]);
   }
 }
 
@@ -263,27 +240,63 @@ struct LogitStrides {
   int key, row;
 };
 
-template <class Isa, int Chunks, class HeadDim>
-inline void pv_any_rows(int rows, const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride,
-                        int keys, HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
-  const int ks = strides.key, rs = strides.row;
-  switch (rows) {
-    case 1: return pv_tile<Isa, 1, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 2: return pv_tile<Isa, 2, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 3: return pv_tile<Isa, 3, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    default: return pv_tile<Isa, 4, Chunks>(p, ks, rs, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
+/// P.V: out[r][chunk c0..c0+Chunks) += sum_j p(j, r) * v_j[...], for Rows rows.
+/// SkipZero (blocks with masked keys): a masked key has weight exactly 0; skipping it
+/// keeps a NaN or inf in a value the row cannot see out of that row (0 * NaN is NaN).
+template <class Isa, int Rows, int Chunks, bool SkipZero>
+inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
+                    int first_chunk, float* out, int dim_padded) {
+  using V = typename Isa::vec;
+  V acc[Rows][Chunks];
+  float* const out_first = out + first_chunk * Isa::width;
+  const float* const v_first = v + first_chunk * Isa::width;
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::load(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width);
+  for (int j = 0; j < keys; ++j) {
+    V value[Chunks];
+    for (int c = 0; c < Chunks; ++c) {
+      value[c] = Isa::load(v_first + j * v_stride + c * Isa::width);
+      Isa::hold(value[c]);
+    }
+    for (int r = 0; r < Rows; ++r) {
+      const float w = p[std::ptrdiff_t(j) * strides.key + std::ptrdiff_t(r) * strides.row];
+      if (SkipZero && w == 0.f) continue;
+      const V weight = Isa::broadcast(w);
+      for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Chunks; ++c) Isa::store(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width, acc[r][c]);
+}
+
+// Run-time tile remainders to the compile-time micro-kernels: a tile's size N is
+// dispatched as Max, Max - 1, ..., 1 (an out-of-range N never occurs: callers pass
+// min(Max, remaining)).
+template <int Max, class F>
+inline void with_tile_size(int n, F&& f) {
+  if constexpr (Max <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (n >= Max) return f(std::integral_constant<int, Max>{});
+    with_tile_size<Max - 1>(n, std::forward<F>(f));
   }
 }
 
-template <class Isa, class HeadDim>
-inline void pv_any(int rows, int chunks, const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride,
-                   int keys, HeadDim head_dim, int first_chunk, float* out, int dim_padded, bool skip_zero) {
-  switch (chunks) {
-    case 1: return pv_any_rows<Isa, 1>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 2: return pv_any_rows<Isa, 2>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    case 3: return pv_any_rows<Isa, 3>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-    default: return pv_any_rows<Isa, 4>(rows, p, strides, v, v_stride, keys, head_dim, first_chunk, out, dim_padded, skip_zero);
-  }
+/// P.V of rows [0, rows) over all chunks of head_dim, in register tiles.
+template <class Isa, bool SkipZero>
+inline void pv_block(int rows, const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
+                     float* acc, int dim_padded) {
+  constexpr int max_rows = Tiling<Isa>::pv_rows, max_chunks = Tiling<Isa>::pv_chunks;
+  const int chunks = dim_padded / Isa::width;
+  for (int r = 0; r < rows; r += max_rows)
+    for (int c = 0; c < chunks; c += max_chunks)
+      with_tile_size<max_rows>(rows - r, [&](auto tile_rows) {
+        with_tile_size<max_chunks>(chunks - c, [&](auto tile_chunks) {
+          pv_tile<Isa, tile_rows.value, tile_chunks.value, SkipZero>(p + std::ptrdiff_t(r) * strides.row, strides, v,
+                                                                       v_stride, keys, c,
+                                                                       acc + std::ptrdiff_t(r) * dim_padded, dim_padded);
+        });
+      });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -295,6 +308,8 @@ class FusedTask {
   static constexpr int width = Isa::width;
   static constexpr int key_block = Tiling<Isa>::key_block;
   static constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  static constexpr int dim_padded_static =
+      HeadDimStatic == Dynamic ? Dynamic : (HeadDimStatic + width - 1) / width * width;
 
  public:
   FusedTask(const AttendArgs<KvT>& args, int query_tile)
@@ -309,7 +324,7 @@ class FusedTask {
     const int rows_padded = round_up(group_.get() * query_tile_, width);
     const std::size_t queries = std::size_t(std::max(head_dim_.get() * rows_padded, group_.get() * query_tile_ * dim_padded_));
     return queries + std::size_t(key_block) * rows_padded + std::size_t(group_.get() * query_tile_) * dim_padded_ +
-           std::size_t(rows_padded) * 8 + (std::is_same_v<KvT, float> ? 0 : 2 * std::size_t(key_block) * dim_padded_);
+           std::size_t(rows_padded) * 8 + 2 * std::size_t(key_block) * dim_padded_;  // staging
   }
 
   /// Attends queries [first_query, first_query + queries) of kv_head to keys
@@ -382,23 +397,25 @@ class FusedTask {
       const KvT* k = k_head + slot * args_.kv_token_stride;
       const KvT* v = v_head + slot * args_.kv_token_stride;
       // Reduced-precision storage is widened once per block into L1 scratch, so the
-      // micro-kernels stay fp32 and memory traffic stays at the storage's size.
-      const float* k_rows;
-      const float* v_rows;
-      std::ptrdiff_t row_stride;
+      // micro-kernels stay fp32 and memory traffic stays at the storage's size; fp32 rows
+      // whose head_dim is not a multiple of the width are copied into zero-padded rows
+      // the same way, so the micro-kernels never load a partial vector.
+      const float* k_rows = k_stage;
+      const float* v_rows = v_stage;
+      std::ptrdiff_t row_stride = dim_padded_;
       if constexpr (std::is_same_v<KvT, float>) {
-        k_rows = k;
-        v_rows = v;
-        row_stride = args_.kv_token_stride;
-      } else {
+        if (!needs_staging()) {
+          k_rows = k;
+          v_rows = v;
+          row_stride = args_.kv_token_stride;
+        }
+      }
+      if (k_rows == k_stage) {
         const std::ptrdiff_t scale_row = kv_head * args_.scale_head_stride + slot;
         widen_rows<Isa>(k, args_.kv_token_stride, keys, head_dim_,
                         args_.k_scales ? args_.k_scales + scale_row : nullptr, k_stage, dim_padded_);
         widen_rows<Isa>(v, args_.kv_token_stride, keys, head_dim_,
                         args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_);
-        k_rows = k_stage;
-        v_rows = v_stage;
-        row_stride = dim_padded_;
       }
 
       // While this block computes, bring the next block's K and V rows toward L2, a few
@@ -418,36 +435,44 @@ class FusedTask {
 
       // Logits of the block.
       if (by_dims) {  // row-major logits: row r at logits + r * key_block
-        int j = 0;
-        for (; j + 4 <= keys; j += 4) {
-          prefetch_next(j, 4);
-          for (int r = 0; r < rows; r += 4)
-            qk_by_dims_any<Isa, 4>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
-                                   k_rows + j * row_stride, row_stride, head_dim_, key_block,
-                                   logits + std::ptrdiff_t(r) * key_block + j);
+        constexpr int tile_keys = Tiling<Isa>::dims_keys, tile_rows = Tiling<Isa>::dims_rows;
+        const auto qk_tile = [&](int first_key, auto keys_now) {
+          for (int r = 0; r < rows; r += tile_rows)
+            with_tile_size<tile_rows>(rows - r, [&](auto rows_now) {
+              qk_by_dims<Isa, rows_now.value, keys_now.value>(queries_buf + std::ptrdiff_t(r) * dim_padded_,
+                                                            Size<dim_padded_static>(dim_padded_),
+                                                            k_rows + first_key * row_stride, row_stride, key_block,
+                                                            logits + std::ptrdiff_t(r) * key_block + first_key);
+            });
+        };
+        for (int j = 0; j < keys; j += tile_keys) {
+          prefetch_next(j, j + tile_keys < keys ? tile_keys : key_block - j);
+          if (j + tile_keys <= keys) {
+            qk_tile(j, std::integral_constant<int, tile_keys>{});
+          } else {  // the last block's tail, key by key
+            for (int key = j; key < keys; ++key) qk_tile(key, std::integral_constant<int, 1>{});
+          }
         }
-        prefetch_next(j, key_block - j);
-        for (; j < keys; ++j)
-          for (int r = 0; r < rows; r += 4)
-            qk_by_dims_any<Isa, 1>(std::min(4, rows - r), queries_buf + std::ptrdiff_t(r) * dim_padded_, dim_padded_,
-                                   k_rows + j * row_stride, row_stride, head_dim_, key_block,
-                                   logits + std::ptrdiff_t(r) * key_block + j);
       } else {
+        constexpr int tile_keys = Tiling<Isa>::qk_keys, tile_row_vecs = Tiling<Isa>::qk_row_vecs;
         const int row_vecs = rows_padded / width;
-        int j = 0;
-        for (; j + 4 <= keys; j += 4) {
-          prefetch_next(j, 4);
-          for (int rv = 0; rv < row_vecs; rv += 4)
-            qk_by_rows_any<Isa, 4>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
-                                   k_rows + j * row_stride, row_stride, head_dim,
-                                   logits + std::ptrdiff_t(j) * rows_padded + rv * width);
+        for (int j = 0; j < keys; j += tile_keys) {
+          prefetch_next(j, j + tile_keys < keys ? tile_keys : key_block - j);
+          const int keys_now = std::min(tile_keys, keys - j);
+          for (int rv = 0; rv < row_vecs; rv += tile_row_vecs)
+            with_tile_size<tile_row_vecs>(row_vecs - rv, [&](auto vecs_now) {
+              const float* qt = queries_buf + rv * width;
+              float* out = logits + std::ptrdiff_t(j) * rows_padded + rv * width;
+              if (keys_now == tile_keys) {
+                qk_by_rows<Isa, vecs_now.value, tile_keys>(qt, rows_padded, k_rows + j * row_stride, row_stride,
+                                                           head_dim, out);
+              } else {  // the last block's tail, key by key
+                for (int key = 0; key < keys_now; ++key)
+                  qk_by_rows<Isa, vecs_now.value, 1>(qt, rows_padded, k_rows + (j + key) * row_stride, row_stride,
+                                                     head_dim, out + std::ptrdiff_t(key) * rows_padded);
+              }
+            });
         }
-        prefetch_next(j, key_block - j);
-        for (; j < keys; ++j)
-          for (int rv = 0; rv < row_vecs; rv += 4)
-            qk_by_rows_any<Isa, 1>(std::min(4, row_vecs - rv), queries_buf + rv * width, rows_padded,
-                                   k_rows + j * row_stride, row_stride, head_dim,
-                                   logits + std::ptrdiff_t(j) * rows_padded + rv * width);
       }
 
       // Per-row mask bounds and ALiBi offsets relative to this block, as small exact floats.
@@ -484,13 +509,11 @@ class FusedTask {
         float* row = acc + std::ptrdiff_t(r) * dim_padded_;
         for (int d = 0; d < dim_padded_; d += width) Isa::store(row + d, Isa::mul(factor, Isa::load(row + d)));
       }
-      const int chunks = dim_padded_ / width;
       const LogitStrides strides = by_dims ? LogitStrides{1, key_block} : LogitStrides{rows_padded, 1};
-      for (int r = 0; r < rows; r += 4)
-        for (int c = 0; c < chunks; c += 4)
-          pv_any<Isa>(std::min(4, rows - r), std::min(4, chunks - c), logits + std::ptrdiff_t(r) * strides.row,
-                      strides, v_rows, row_stride, keys, head_dim_, c, acc + std::ptrdiff_t(r) * dim_padded_,
-                      dim_padded_, block_needs_mask);
+      if (block_needs_mask)
+        pv_block<Isa, true>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_);
+      else
+        pv_block<Isa, false>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_);
      }
     }
 
@@ -515,6 +538,13 @@ class FusedTask {
 
  private:
   static int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+  /// K/V rows go through the widening stage unless they are fp32 in whole vectors.
+  bool needs_staging() const {
+    if constexpr (!std::is_same_v<KvT, float>) return true;
+    if constexpr (HeadDimStatic != Dynamic) return HeadDimStatic % width != 0;
+    return head_dim_.get() % width != 0;
+  }
 
   /// Softcap, ALiBi and masks of one vector of logits, in the order of the contract; the
   /// two logit layouts below differ only in which lanes a vector holds.

@@ -11,6 +11,8 @@ namespace kvheads::simd {
 struct avx2 {
   static constexpr const char* name = "avx2";
   static constexpr int width = 8;
+  /// Vector registers (ymm0-15): the micro-kernels size their register tiles by it.
+  static constexpr int registers = 16;
   using vec = __m256;
 
   static vec zero() { return _mm256_setzero_ps(); }
@@ -19,6 +21,16 @@ struct avx2 {
   /// Lanes at and past n read as 0 and are never touched in memory
   /// (vmaskmovps does not fault on masked-off lanes).
   static vec load_partial(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+  /// Pins a loaded operand to a register. GCC and clang otherwise fold the load into every
+  /// FMA that uses it (one load per use instead of one per vector); the micro-kernels are
+  /// then load-port-bound: see avx512.hpp.
+  static void hold(vec& v) {
+#if defined(__GNUC__) || defined(__clang__)
+    __asm__("" : "+v"(v));
+#else
+    (void)v;
+#endif
+  }
   static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   static void store_partial(float* p, vec v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
 
@@ -57,6 +69,14 @@ struct avx2 {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  /// width vectors in, one out: lane i is the horizontal sum of in[i] (hadd tree: 9 operations
+  /// for 8 sums).
+  static vec reduce_sum_each(const vec* in) {
+    // Each 128-bit half of these holds four inputs' partial sums (low half: lanes 0-3).
+    const vec first = _mm256_hadd_ps(_mm256_hadd_ps(in[0], in[1]), _mm256_hadd_ps(in[2], in[3]));
+    const vec second = _mm256_hadd_ps(_mm256_hadd_ps(in[4], in[5]), _mm256_hadd_ps(in[6], in[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(first, second, 0x20), _mm256_permute2f128_ps(first, second, 0x31));
   }
   static float reduce_max(vec v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

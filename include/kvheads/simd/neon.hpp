@@ -14,6 +14,8 @@ namespace kvheads::simd {
 struct neon {
   static constexpr const char* name = "neon";
   static constexpr int width = 4;
+  /// Vector registers (v0-v31): the micro-kernels size their register tiles by it.
+  static constexpr int registers = 32;
   using vec = float32x4_t;
 
   static vec zero() { return vdupq_n_f32(0.f); }
@@ -26,6 +28,9 @@ struct neon {
     if (n > 0) std::memcpy(buffer, p, sizeof(float) * static_cast<unsigned>(n < width ? n : width));
     return vld1q_f32(buffer);
   }
+  /// Pins a loaded operand to a register, so the compiler does not re-load it per use
+  /// (see avx512.hpp).
+  static void hold(vec& v) { __asm__("" : "+w"(v)); }
   static void store(float* p, vec v) { vst1q_f32(p, v); }
   static void store_partial(float* p, vec v, int n) {
     if (n <= 0) return;
@@ -61,6 +66,10 @@ struct neon {
   }
 
   static float reduce_sum(vec v) { return vaddvq_f32(v); }
+  /// width vectors in, one out: lane i is the horizontal sum of in[i].
+  static vec reduce_sum_each(const vec* in) {
+    return vpaddq_f32(vpaddq_f32(in[0], in[1]), vpaddq_f32(in[2], in[3]));
+  }
   static float reduce_max(vec v) { return vmaxvq_f32(v); }
 
   static vec round(vec x) { return vrndnq_f32(x); }

@@ -8,15 +8,18 @@
 namespace kvheads::simd {
 
 /// The vector interface every ISA file implements (this one is the reference):
-///   width, vec, zero, broadcast, load, load_partial, store, store_partial,
-///   add, sub, mul, div, fma, min, max, abs, select_less, reduce_sum, reduce_max,
-///   round (to nearest even), pow2 (2^n for integral n in [-126, 127]).
+///   width, registers, vec, zero, broadcast, load, load_partial, store, store_partial,
+///   hold (keep a loaded operand in a register), add, sub, mul, div, fma, min, max, abs,
+///   select_less, reduce_sum, reduce_sum_each (width vectors -> one vector of their sums),
+///   reduce_max, round (to nearest even), pow2 (2^n for integral n in [-126, 127]).
 /// min/max follow x86 semantics: max(a, b) = a > b ? a : b (returns b when either is NaN),
 /// which vector_math.hpp relies on to propagate NaN. exp/tanh are written once
 /// over these operations in vector_math.hpp.
 struct scalar {
   static constexpr const char* name = "scalar";
   static constexpr int width = 1;
+  /// Registers a scalar loop can keep values in: the micro-kernels size their tiles by it.
+  static constexpr int registers = 16;
   using vec = float;
 
   static vec zero() { return 0.f; }
@@ -24,6 +27,8 @@ struct scalar {
   static vec load(const float* p) { return *p; }
   /// Lanes at and past n read as 0 and are never touched in memory.
   static vec load_partial(const float* p, int n) { return n > 0 ? *p : 0.f; }
+  /// Pins a loaded operand to a register (a hint for SIMD ISAs; nothing to do here).
+  static void hold(vec&) {}
   static void store(float* p, vec v) { *p = v; }
   static void store_partial(float* p, vec v, int n) {
     if (n > 0) *p = v;
@@ -42,6 +47,8 @@ struct scalar {
   static vec select_less(vec a, vec b, vec if_less, vec otherwise) { return a < b ? if_less : otherwise; }
 
   static float reduce_sum(vec v) { return v; }
+  /// width vectors in, one out: lane i is the horizontal sum of in[i].
+  static vec reduce_sum_each(const vec* in) { return in[0]; }
   static float reduce_max(vec v) { return v; }
 
   static vec round(vec x) { return std::nearbyint(x); }
