@@ -119,19 +119,6 @@ inline bool cpu_supports<neon>() {
 
 }  // namespace kvheads::simd
 
-namespace kvheads::simd {
-/// A hint to bring the cache line holding p into L2 ahead of use (never faults; a no-op
-/// where the compiler has no prefetch builtin). The kernels fetch the next key block
-/// with it while they compute on the current one.
-inline void prefetch_l2(const void* p) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 2);
-#else
-  (void)p;
-#endif
-}
-}  // namespace kvheads::simd
-
 namespace kvheads::detail {
 template <class F, class... Isas>
 void for_each_isa_in(F& f, std::tuple<Isas...>*) {
