@@ -117,6 +117,20 @@ inline bool cpu_supports<neon>() {
 }
 #endif
 
+/// A hint to start loading the cache line holding p (towards L2; never faults, a no-op
+/// where the compiler has no prefetch builtin).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 2);
+  // A prefetch is no side effect to the optimiser, so g++ deletes a loop whose body only
+  // prefetches when its trip count is a run-time value (-ffinite-loops); this empty
+  // volatile asm is one, and keeps the loop.
+  __asm__ volatile("");
+#else
+  (void)p;
+#endif
+}
+
 }  // namespace kvheads::simd
 
 namespace kvheads::detail {
