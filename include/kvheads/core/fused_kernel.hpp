@@ -449,7 +449,7 @@ class FusedTask {
       // Few-row tasks are memory-bound and their compute does not overlap the hardware
       // prefetcher's fetches well: they request the next block's rows themselves, K
       // during Q.K and V during P.V, a key's rows per key processed, so requests spread
-      // over the whole block. (GQA-8 decode of 16384 keys, 1 thread: -9% time, MHA -4%,
+      // over the whole block. (GQA-8 decode of 16384 keys, 1 thread: -9% time, MHA -4 to -6%,
       // medians of 7-9 alternating runs; prefetching a whole block at once gained nothing.)
       PrefetchRows next_k, next_v;
       if (by_dims && k_rows != k_stage) {
@@ -715,7 +715,8 @@ class FusedTask {
 /// (slot 2, kept for later calls), once per call and in parallel; the copy is
 /// O(kv_len) next to O(q_len x kv_len) work. Returns the items to run: the originals,
 /// or copies pointing at the head-major K/V. Results are unchanged, bit for bit.
-/// (GQA-8 causal prefill of 2048 tokens, 1 thread: 126 -> 157 GFLOP/s side by side.)
+/// (GQA-8 causal prefill of 2048 tokens, 1 thread: 108-113 -> 135-156 GFLOP/s in two
+/// side-by-side runs.)
 template <class KvT>
 const AttendArgs<KvT>* with_head_major_kv(const AttendArgs<KvT>* items, std::ptrdiff_t item_count, int query_tile,
                                            ThreadPool& pool, int threads) {
