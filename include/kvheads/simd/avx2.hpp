@@ -5,6 +5,8 @@
 #include <immintrin.h>
 #include <cstdint>
 
+#include "kvheads/simd/register_hint.hpp"
+
 namespace kvheads::simd {
 
 /// 8 x fp32 in a __m256 (x86 AVX2 + FMA).
@@ -21,16 +23,8 @@ struct avx2 {
   /// Lanes at and past n read as 0 and are never touched in memory
   /// (vmaskmovps does not fault on masked-off lanes).
   static vec load_partial(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
-  /// Pins a loaded operand to a register. GCC and clang otherwise fold the load into every
-  /// FMA that uses it (one load per use instead of one per vector); the micro-kernels are
-  /// then load-port-bound: see avx512.hpp.
-  static void hold(vec& v) {
-#if defined(__GNUC__) || defined(__clang__)
-    __asm__("" : "+v"(v));
-#else
-    (void)v;
-#endif
-  }
+  /// Pins a loaded operand to a register (see simd/register_hint.hpp).
+  static void hold(vec& v) { detail::keep_in_register(v); }
   static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   static void store_partial(float* p, vec v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
 

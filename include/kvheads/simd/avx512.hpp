@@ -6,6 +6,8 @@
 #include <immintrin.h>
 #include <cstdint>
 
+#include "kvheads/simd/register_hint.hpp"
+
 namespace kvheads::simd {
 
 /// 16 x fp32 in a __m512 (x86 AVX-512F).
@@ -22,16 +24,8 @@ struct avx512 {
   /// Lanes at and past n read as 0 and are never touched in memory
   /// (masked-off lanes of a masked load do not fault).
   static vec load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes_below(n), p); }
-  /// Pins a loaded operand to a register. GCC and clang otherwise fold the load into every
-  /// FMA that uses it (one load per use instead of one per vector); the micro-kernels are
-  /// then load-port-bound: P.V at 4 rows x 4 vectors ran at 35% of FMA peak that way.
-  static void hold(vec& v) {
-#if defined(__GNUC__) || defined(__clang__)
-    __asm__("" : "+v"(v));
-#else
-    (void)v;
-#endif
-  }
+  /// Pins a loaded operand to a register (see simd/register_hint.hpp).
+  static void hold(vec& v) { detail::keep_in_register(v); }
   static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   static void store_partial(float* p, vec v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), v); }
 

@@ -8,6 +8,8 @@
 
 #include <cstring>
 
+#include "kvheads/simd/register_hint.hpp"
+
 namespace kvheads::simd {
 
 /// 4 x fp32 in a float32x4_t (AArch64 Advanced SIMD).
@@ -28,9 +30,8 @@ struct neon {
     if (n > 0) std::memcpy(buffer, p, sizeof(float) * static_cast<unsigned>(n < width ? n : width));
     return vld1q_f32(buffer);
   }
-  /// Pins a loaded operand to a register, so the compiler does not re-load it per use
-  /// (see avx512.hpp).
-  static void hold(vec& v) { __asm__("" : "+w"(v)); }
+  /// Pins a loaded operand to a register (see simd/register_hint.hpp).
+  static void hold(vec& v) { detail::keep_in_register(v); }
   static void store(float* p, vec v) { vst1q_f32(p, v); }
   static void store_partial(float* p, vec v, int n) {
     if (n <= 0) return;
