@@ -167,11 +167,15 @@ struct Tiling {
   /// Q.K by dims (few rows): dims_rows rows x dims_keys keys.
   static constexpr int dims_rows = 4;
   static constexpr int dims_keys = many_registers ? 4 : 2;
-  /// P.V: pv_rows rows x pv_chunks vectors of head_dim. Few-row tasks (decode) take
-  /// whole V rows at once instead (up to 8 vectors), so each pass streams V sequentially,
-  /// which the hardware prefetcher follows better than every other half row.
-  static constexpr int pv_rows = 4;
-  static constexpr int pv_chunks = many_registers ? 4 : 2;
+  /// P.V by rows (many rows): the Q.K tile's shape, up to pv_row_vecs row vectors x
+  /// pv_dims dimensions (2 x 8: 16 accumulators). Measured on AVX-512 with 32 rows and
+  /// 64 keys in L1: 207 GFLOP/s against 202 for 4 rows x 4 vectors of head_dim, and with
+  /// 128 keys (V past L1) 212 against 155.
+  static constexpr int pv_row_vecs = 2;
+  static constexpr int pv_dims = many_registers ? 8 : 4;
+  /// P.V for few rows (decode): pv_rows_few rows x whole V rows of up to pv_chunks_few
+  /// vectors, so each pass streams V sequentially, which the hardware prefetcher follows
+  /// better than every other half row.
   static constexpr int pv_rows_few = many_registers ? 2 : 1;
   static constexpr int pv_chunks_few = many_registers ? 8 : 4;
   static_assert(key_block % qk_keys == 0 && key_block_few % dims_keys == 0, "whole tiles per full key block");
@@ -250,6 +254,40 @@ inline void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k
 struct LogitStrides {
   int key, row;
 };
+
+/// P.V for many rows, vectorised over rows like qk_by_rows:
+/// acc_t[d][rows_padded] += sum_j p[j][rows] * v_j[d] for RowVecs row vectors and Dims
+/// dimensions. `p` is the block's probabilities, key-major ([key][rows_padded]), and
+/// the accumulators are transposed ([dim_padded][rows_padded]); each V element is
+/// broadcast once and feeds RowVecs FMAs, as each K element does in Q.K.
+/// SkipZero (blocks with masked keys): a masked key has weight exactly 0; such lanes keep
+/// their accumulator, so a NaN or inf in a value a row cannot see stays out of that row
+/// (0 * inf is NaN). A NaN weight is left out the same way; its row's sum is NaN, so the
+/// row still comes out NaN.
+template <class Isa, int RowVecs, int Dims, bool SkipZero>
+inline void pv_by_rows(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
+                       float* acc_t) {
+  using V = typename Isa::vec;
+  V acc[Dims][RowVecs];
+  for (int d = 0; d < Dims; ++d)
+    for (int r = 0; r < RowVecs; ++r) acc[d][r] = Isa::load(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
+  for (int j = 0; j < keys; ++j) {
+    V weight[RowVecs];
+    for (int r = 0; r < RowVecs; ++r) {
+      weight[r] = Isa::load(p + std::ptrdiff_t(j) * rows_padded + r * Isa::width);
+      Isa::hold(weight[r]);
+    }
+    for (int d = 0; d < Dims; ++d) {
+      const V value = Isa::broadcast(v[j * v_stride + d]);
+      for (int r = 0; r < RowVecs; ++r) {
+        const V sum = Isa::fma(weight[r], value, acc[d][r]);
+        acc[d][r] = SkipZero ? Isa::select_less(Isa::zero(), weight[r], sum, acc[d][r]) : sum;
+      }
+    }
+  }
+  for (int d = 0; d < Dims; ++d)
+    for (int r = 0; r < RowVecs; ++r) Isa::store(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width, acc[d][r]);
+}
 
 /// Rows to prefetch while a micro-kernel walks its keys: for key j < keys, the row at
 /// first + j * stride (bytes), `lines` cache lines of it.
@@ -350,7 +388,7 @@ class FusedTask {
   std::size_t scratch_floats() const {
     const int rows_padded = round_up(group_.get() * query_tile_, width);
     const std::size_t queries = std::size_t(std::max(head_dim_.get() * rows_padded, group_.get() * query_tile_ * dim_padded_));
-    return queries + std::size_t(max_key_block) * rows_padded + std::size_t(group_.get() * query_tile_) * dim_padded_ +
+    return queries + std::size_t(max_key_block) * rows_padded + std::size_t(rows_padded) * dim_padded_ +
            std::size_t(rows_padded) * 8 + 2 * std::size_t(Tiling<Isa>::key_block) * dim_padded_;  // staging
   }
 
@@ -371,7 +409,7 @@ class FusedTask {
     float* queries_buf = scratch;
     float* logits = queries_buf + std::max(head_dim * rows_padded, rows * dim_padded_);
     float* acc = logits + std::ptrdiff_t(max_key_block) * rows_padded;
-    float* row_max = acc + std::ptrdiff_t(rows) * dim_padded_;
+    float* row_max = acc + std::ptrdiff_t(rows_padded) * dim_padded_;
     float* row_sum = row_max + rows_padded;
     float* row_scale = row_sum + rows_padded;
     float* row_first = row_scale + rows_padded;   // first visible key, relative to the block
@@ -401,7 +439,9 @@ class FusedTask {
       row_sum[r] = 0.f;
       row_slope[r] = (args_.alibi_slopes && r < rows) ? args_.alibi_slopes[kv_head * group + r % group] : 0.f;
     }
-    for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(rows) * dim_padded_; ++i) acc[i] = 0.f;
+    // Accumulators: [rows][dim_padded] for few rows, transposed ([dim_padded][rows_padded])
+    // for the by-rows P.V.
+    for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(rows_padded) * dim_padded_; ++i) acc[i] = 0.f;
 
     // Keys any row of the tile can see; blocks outside are skipped entirely.
     const std::ptrdiff_t first_pos = args_.first_query_pos + first_query;
@@ -446,13 +486,15 @@ class FusedTask {
                         args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_);
       }
 
-      // Few-row tasks are memory-bound and their compute does not overlap the hardware
-      // prefetcher's fetches well: they request the next block's rows themselves, K
-      // during Q.K and V during P.V, a key's rows per key processed, so requests spread
-      // over the whole block. (GQA-8 decode of 16384 keys, 1 thread: -9% time, MHA -4 to -6%,
-      // medians of 7-9 alternating runs; prefetching a whole block at once gained nothing.)
+      // The hardware prefetcher does not keep up with these strided row walks: tasks
+      // request the next block's rows themselves, a key's rows per key processed, so
+      // requests spread over the whole block. Few-row tasks fetch K during Q.K and V
+      // during P.V (GQA-8 decode of 16384 keys, 1 thread: -9% time, MHA -4 to -6%, medians
+      // of 7-9 alternating runs; prefetching a whole block at once gained nothing). Many-row
+      // tasks fetch both during Q.K, whose K walk is sequential enough to leave room (MQA
+      // decode of 16384 keys: -3% on 1 thread, -6% on 2, best of 7-11 alternating runs).
       PrefetchRows next_k, next_v;
-      if (by_dims && k_rows != k_stage) {
+      if (k_rows != k_stage) {
         const int next_keys = int(std::clamp<std::ptrdiff_t>(stored_end - (block + key_block), 0, key_block));
         const std::ptrdiff_t stride = args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT));
         const int lines = (head_dim * int(sizeof(KvT)) + 63) / 64;
@@ -484,6 +526,10 @@ class FusedTask {
         constexpr int tile_keys = Tiling<Isa>::qk_keys, tile_row_vecs = Tiling<Isa>::qk_row_vecs;
         const int row_vecs = rows_padded / width;
         for (int j = 0; j < keys; j += tile_keys) {
+          for (int key = j; key < j + tile_keys; ++key) {
+            next_k.key(key);
+            next_v.key(key);
+          }
           const int keys_now = std::min(tile_keys, keys - j);
           for (int rv = 0; rv < row_vecs; rv += tile_row_vecs)
             with_tile_size<tile_row_vecs>(row_vecs - rv, [&](auto vecs_now) {
@@ -530,14 +576,24 @@ class FusedTask {
       }
 
       // Rescale what earlier blocks accumulated, then add this block's P.V.
-      for (int r = 0; r < rows; ++r) {
-        if (row_scale[r] == 1.f) continue;
-        const V factor = Isa::broadcast(row_scale[r]);
-        float* row = acc + std::ptrdiff_t(r) * dim_padded_;
-        for (int d = 0; d < dim_padded_; d += width) Isa::store(row + d, Isa::mul(factor, Isa::load(row + d)));
-      }
-      const LogitStrides strides = by_dims ? LogitStrides{1, key_block} : LogitStrides{rows_padded, 1};
       if (by_dims) {
+        for (int r = 0; r < rows; ++r) {
+          if (row_scale[r] == 1.f) continue;
+          const V factor = Isa::broadcast(row_scale[r]);
+          float* row = acc + std::ptrdiff_t(r) * dim_padded_;
+          for (int d = 0; d < dim_padded_; d += width) Isa::store(row + d, Isa::mul(factor, Isa::load(row + d)));
+        }
+      } else if (std::any_of(row_scale, row_scale + rows, [](float factor) { return factor != 1.f; })) {
+        for (int rv = 0; rv < rows_padded; rv += width) {
+          const V factor = Isa::load(row_scale + rv);
+          for (int d = 0; d < head_dim; ++d) {
+            float* p = acc + std::ptrdiff_t(d) * rows_padded + rv;
+            Isa::store(p, Isa::mul(factor, Isa::load(p)));
+          }
+        }
+      }
+      if (by_dims) {
+        const LogitStrides strides{1, key_block};
         constexpr int tile_rows = Tiling<Isa>::pv_rows_few, tile_chunks = Tiling<Isa>::pv_chunks_few;
         if (block_needs_mask)
           pv_block<Isa, tile_rows, tile_chunks, true>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_,
@@ -546,11 +602,20 @@ class FusedTask {
           pv_block<Isa, tile_rows, tile_chunks, false>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_,
                                                        next_v);
       } else {
-        constexpr int tile_rows = Tiling<Isa>::pv_rows, tile_chunks = Tiling<Isa>::pv_chunks;
-        if (block_needs_mask)
-          pv_block<Isa, tile_rows, tile_chunks, true>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_);
-        else
-          pv_block<Isa, tile_rows, tile_chunks, false>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_);
+        constexpr int tile_dims = Tiling<Isa>::pv_dims, tile_row_vecs = Tiling<Isa>::pv_row_vecs;
+        const int row_vecs = rows_padded / width;
+        for (int d = 0; d < head_dim; d += tile_dims)
+          for (int rv = 0; rv < row_vecs; rv += tile_row_vecs)
+            with_tile_size<tile_row_vecs>(row_vecs - rv, [&](auto vecs_now) {
+              with_tile_size<tile_dims>(head_dim - d, [&](auto dims_now) {
+                const float* p = logits + rv * width;
+                float* out = acc + std::ptrdiff_t(d) * rows_padded + rv * width;
+                if (block_needs_mask)
+                  pv_by_rows<Isa, vecs_now.value, dims_now.value, true>(p, rows_padded, v_rows + d, row_stride, keys, out);
+                else
+                  pv_by_rows<Isa, vecs_now.value, dims_now.value, false>(p, rows_padded, v_rows + d, row_stride, keys, out);
+              });
+            });
       }
      }
     }
@@ -563,8 +628,10 @@ class FusedTask {
                             : args_.out + (first_query + query) * args_.out_token_stride + q_head * args_.out_head_stride;
       const float sum = row_sum[r];
       const float inverse = sum > 0.f ? 1.f / sum : (sum == 0.f ? 0.f : sum);  // NaN stays NaN
-      const float* row = acc + std::ptrdiff_t(r) * dim_padded_;
-      for (int d = 0; d < head_dim; ++d) dst[d] = sum == 0.f ? 0.f : row[d] * inverse;
+      // Row r of the accumulators: contiguous for few rows, a column of the transposed ones.
+      const float* row = by_dims ? acc + std::ptrdiff_t(r) * dim_padded_ : acc + r;
+      const std::ptrdiff_t step = by_dims ? 1 : rows_padded;
+      for (int d = 0; d < head_dim; ++d) dst[d] = sum == 0.f ? 0.f : row[d * step] * inverse;
       float lse = sum > 0.f ? row_max[r] + std::log(sum) : (sum == 0.f ? neg_inf : sum);
       if (!lse_rows && args_.sinks) add_sink(dst, lse, args_.sinks[q_head], head_dim);  // split rows get it after the merge
       if (lse_rows)
