@@ -13,7 +13,9 @@
 // softmax, masks and ALiBi are vertical vector operations over rows. With fewer rows than
 // half a vector (decode with small groups) that would waste most lanes, so logits are
 // stored row-major ([row][key]) and the same steps run along the keys instead. P.V
-// broadcasts one probability per (key, row) either way.
+// follows the same split: with many rows it broadcasts one V element per (key, dim) into
+// row vectors of probabilities (accumulators transposed, [dim][row]); with few rows one
+// probability per (key, row) into vectors of V.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -155,11 +157,14 @@ struct Tiling {
   static constexpr bool many_registers = Isa::registers >= 32;
   /// Rows per task: four vectors' worth keeps the Q.K micro-kernel FMA-bound.
   static constexpr int target_rows = 4 * width < 16 ? 16 : 4 * width;
-  /// Keys per block: 64 keeps a many-row block's logits and K/V rows in L1. Few-row
-  /// (decode) tasks stream fp32 K/V straight from the cache and take 256 keys per block:
-  /// longer runs per stream let the prefetchers keep the memory bus busy (MHA decode at
-  /// 16384 keys: 27.3 -> 22.8 ms on AVX-512, side by side).
+  /// Keys per block. Rows widened or padded into scratch (key_block, 64) stay in L1.
+  /// fp32 rows read straight from memory take longer blocks: many-row tasks 128, whose
+  /// by-rows micro-kernels touch only a few rows' lines at a time (against 64: MQA
+  /// decode of 16384 keys -7% median, causal GQA-8 prefill of 2048 -4%, alternating
+  /// runs); few-row (decode) tasks 256: longer runs per stream let the prefetchers keep
+  /// the memory bus busy (MHA decode at 16384 keys: 27.3 -> 22.8 ms, side by side).
   static constexpr int key_block = 64;
+  static constexpr int key_block_many = 128;
   static constexpr int key_block_few = 256;
   /// Q.K by rows: up to qk_row_vecs row vectors x qk_keys keys (2 x 8: 16 accumulators).
   static constexpr int qk_row_vecs = 2;
@@ -178,8 +183,10 @@ struct Tiling {
   /// better than every other half row.
   static constexpr int pv_rows_few = many_registers ? 2 : 1;
   static constexpr int pv_chunks_few = many_registers ? 8 : 4;
-  static_assert(key_block % qk_keys == 0 && key_block_few % dims_keys == 0, "whole tiles per full key block");
-  static_assert(key_block % width == 0 && key_block_few % width == 0, "whole vectors of logits per block");
+  static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0 && key_block_few % dims_keys == 0,
+                "whole tiles per full key block");
+  static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
+                "whole vectors of logits per block");
 };
 
 // ---------------------------------------------------------------------------------------
@@ -371,7 +378,8 @@ template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
 class FusedTask {
   using V = typename Isa::vec;
   static constexpr int width = Isa::width;
-  static constexpr int max_key_block = std::max(Tiling<Isa>::key_block, Tiling<Isa>::key_block_few);
+  static constexpr int max_key_block =
+      std::max({Tiling<Isa>::key_block, Tiling<Isa>::key_block_many, Tiling<Isa>::key_block_few});
   static constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   static constexpr int dim_padded_static =
       HeadDimStatic == Dynamic ? Dynamic : (HeadDimStatic + width - 1) / width * width;
@@ -403,7 +411,9 @@ class FusedTask {
     const int rows = group * queries;
     const int rows_padded = round_up(rows, width);
     const bool by_dims = 2 * rows <= width;  // too few rows to fill a vector
-    const int key_block = by_dims && !needs_staging() ? Tiling<Isa>::key_block_few : Tiling<Isa>::key_block;
+    const int key_block = needs_staging() ? Tiling<Isa>::key_block
+                          : by_dims         ? Tiling<Isa>::key_block_few
+                                            : Tiling<Isa>::key_block_many;
 
     // Scratch layout.
     float* queries_buf = scratch;
