@@ -381,6 +381,28 @@ TEST_CASE("simd: pow2 is exact for n = -126 .. 127", "[simd]") {
   });
 }
 
+TEST_CASE("simd: ldexp scales by 2^n exactly in the normal range, to 0 far below it", "[simd]") {
+  const std::vector<float> mantissas = {1.f, 0.7f, 1.4142135f, 0.99999994f, 1.4999999f, -1.25f};
+  for_each_runnable_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (float x : mantissas)
+      for (int n = -160; n <= 127; ++n) {
+        const float got = lanes<Isa>(Isa::ldexp(Isa::broadcast(x), Isa::broadcast(float(n))))[0];
+        const float exact = std::ldexp(x, n);  // correctly rounded, subnormals included
+        INFO("ldexp(" << x << ", " << n << ") = " << got << ", exact " << exact);
+        if (std::fabs(exact) >= FLT_MIN) {
+          CHECK(got == exact);
+        } else if (n <= -151) {
+          CHECK(got == 0.f);
+        } else {  // the subnormal range: exact on AVX-512, 0 or exact elsewhere
+          CHECK(std::fabs(double(got) - double(exact)) < std::ldexp(1.0, -125));
+        }
+      }
+    CHECK(std::isnan(lanes<Isa>(Isa::ldexp(Isa::broadcast(qnan), Isa::broadcast(3.f)))[0]));
+    CHECK(std::isnan(lanes<Isa>(Isa::ldexp(Isa::broadcast(qnan), Isa::broadcast(qnan)))[0]));
+  });
+}
+
 namespace {
 
 // A sweep over float bit patterns: [first, last] by step, all of one sign.
@@ -442,6 +464,12 @@ template <class Isa>
 void eval_exp(const float* x, float* y, int n) {
   for (int i = 0; i < n; i += Isa::width)
     Isa::store_partial(y + i, simd::exp<Isa>(Isa::load_partial(x + i, n - i)), n - i);
+}
+
+template <class Isa>
+void eval_exp_nonpositive(const float* x, float* y, int n) {
+  for (int i = 0; i < n; i += Isa::width)
+    Isa::store_partial(y + i, simd::exp_nonpositive<Isa>(Isa::load_partial(x + i, n - i)), n - i);
 }
 
 template <class Isa>
@@ -553,6 +581,60 @@ TEST_CASE("simd: exp relative error <= 2e-7 from -87.33654 to 88.37626", "[simd]
   const auto results = sweep<true>(ranges, exp_reference,
                                    [](auto isa, const float* x, float* y, int n) { eval_exp<decltype(isa)>(x, y, n); });
   report("exp", results, 2e-7, false);
+}
+
+TEST_CASE("simd: exp_nonpositive special values and its subnormal tail", "[simd][exp]") {
+  for_each_runnable_isa([](auto isa) {
+    using Isa = decltype(isa);
+    auto at = [](float x) { return lanes<Isa>(simd::exp_nonpositive<Isa>(Isa::broadcast(x)))[0]; };
+    // Masked keys (-inf) and anything at or below -104 weigh exactly 0.
+    for (float x : {-inf, -FLT_MAX, -1e30f, -1000.f, -110.f, -104.f})
+      CHECK(bits(at(x)) == bits(0.f));
+    CHECK(std::isnan(at(qnan)));
+    CHECK(at(0.f) == 1.f);
+    CHECK(at(-0.f) == 1.f);
+    CHECK(at(-1.f) == Approx(0.36787944117).epsilon(2e-7));
+    // Between exp's normal range and -104: subnormal or 0, within 2^-125 of e^x.
+    std::vector<float> tail;
+    for (float v = -110.f; v <= exp_lowest; v += 1.f / 256) tail.push_back(v);
+    std::vector<float> out(tail.size());
+    eval_exp_nonpositive<Isa>(tail.data(), out.data(), int(tail.size()));
+    int failures = 0;
+    for (std::size_t i = 0; i < tail.size(); ++i) {
+      const double error = std::fabs(double(out[i]) - std::exp(double(tail[i])));
+      const bool ok = out[i] >= 0.f && error < std::ldexp(1.0, -125) && (tail[i] > -104.f || out[i] == 0.f);
+      if (!ok && failures++ < 5) FAIL_CHECK("exp_nonpositive(" << tail[i] << ") = " << out[i]);
+    }
+    CHECK(failures == 0);
+  });
+}
+
+TEST_CASE("simd: exp_nonpositive is exp bit for bit from -87.33654 to 0", "[simd][exp]") {
+  // Same reduction and polynomial: the error bound of exp carries over. Every 997th
+  // float of [-87.33654, -2^-30] (about 8,400 per binade, 306,000 in all).
+  const std::uint32_t sign = 0x80000000u;
+  const std::uint32_t first = sign | bits(std::ldexp(1.f, -30)), last = sign | bits(exp_lowest);
+  std::vector<float> x, a, b;
+  for (std::uint64_t pattern = first; pattern <= last; pattern += 997) x.push_back(from_bits(std::uint32_t(pattern)));
+  x.push_back(exp_lowest);
+  x.push_back(0.f);
+  x.push_back(-0.f);
+  a.resize(x.size());
+  b.resize(x.size());
+  for_each_runnable_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    eval_exp<Isa>(x.data(), a.data(), int(x.size()));
+    eval_exp_nonpositive<Isa>(x.data(), b.data(), int(x.size()));
+    int failures = 0;
+    for (std::size_t i = 0; i < x.size(); ++i)
+      if (bits(a[i]) != bits(b[i]) && failures++ < 5)
+        FAIL_CHECK("x = " << x[i] << ": exp " << a[i] << ", exp_nonpositive " << b[i]);
+    CHECK(failures == 0);
+  });
+  const auto results = sweep<true>({{first, last, 7919u}}, exp_reference, [](auto isa, const float* in, float* out, int n) {
+    eval_exp_nonpositive<decltype(isa)>(in, out, n);
+  });
+  report("exp_nonpositive", results, 2e-7, false);
 }
 
 TEST_CASE("simd: tanh special values", "[simd][tanh]") {

@@ -756,7 +756,7 @@ class FusedTask {
       const V shift_vec = Isa::broadcast(shift);
       V sum = Isa::zero();
       for (int j = 0; j < keys_padded; j += width) {
-        const V weight = simd::exp<Isa>(Isa::sub(Isa::load(row + j), shift_vec));
+        const V weight = simd::exp_nonpositive<Isa>(Isa::sub(Isa::load(row + j), shift_vec));
         Isa::store(row + j, weight);
         sum = Isa::add(sum, weight);
       }
@@ -780,11 +780,11 @@ class FusedTask {
       // While a row has seen only masked keys its max is -inf; subtract 0 instead so
       // exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
       const V shift = Isa::select_less(new_max, lowest, Isa::zero(), new_max);
-      const V factor = simd::exp<Isa>(Isa::sub(old_max, shift));
+      const V factor = simd::exp_nonpositive<Isa>(Isa::sub(old_max, shift));
       V sum = Isa::zero();
       for (int j = 0; j < keys; ++j) {
         float* p = logits + std::ptrdiff_t(j) * rows_padded + rv;
-        const V weight = simd::exp<Isa>(Isa::sub(Isa::load(p), shift));
+        const V weight = simd::exp_nonpositive<Isa>(Isa::sub(Isa::load(p), shift));
         Isa::store(p, weight);
         sum = Isa::add(sum, weight);
       }

@@ -85,6 +85,8 @@ struct avx2 {
     const __m256i biased = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
   }
+  /// x * 2^n for integral n <= 127; n <= -127 gives 0 (as scalar.hpp).
+  static vec ldexp(vec x, vec n) { return _mm256_mul_ps(x, pow2(_mm256_max_ps(n, _mm256_set1_ps(-127.f)))); }
 
  private:
   // All-ones in lanes i < n (n <= 0: none, n >= 8: all).

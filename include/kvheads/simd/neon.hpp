@@ -79,6 +79,8 @@ struct neon {
     const int32x4_t biased = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
     return vreinterpretq_f32_s32(vshlq_n_s32(biased, 23));
   }
+  /// x * 2^n for integral n <= 127; n <= -127 gives 0 (as scalar.hpp).
+  static vec ldexp(vec x, vec n) { return vmulq_f32(x, pow2(max(n, vdupq_n_f32(-127.f)))); }
 };
 
 }  // namespace kvheads::simd

@@ -11,7 +11,8 @@ namespace kvheads::simd {
 ///   width, registers, vec, zero, broadcast, load, load_partial, store, store_partial,
 ///   hold (keep a loaded operand in a register), add, sub, mul, div, fma, min, max, abs,
 ///   select_less, reduce_sum, reduce_sum_each (width vectors -> one vector of their sums),
-///   reduce_max, round (to nearest even), pow2 (2^n for integral n in [-126, 127]).
+///   reduce_max, round (to nearest even), pow2 (2^n for integral n in [-126, 127]),
+///   ldexp (x * 2^n for integral n <= 127; see below for n < -126).
 /// min/max follow x86 semantics: max(a, b) = a > b ? a : b (returns b when either is NaN),
 /// which vector_math.hpp relies on to propagate NaN. exp/tanh are written once
 /// over these operations in vector_math.hpp.
@@ -58,6 +59,11 @@ struct scalar {
     std::memcpy(&out, &bits, sizeof out);
     return out;
   }
+  /// x * 2^n for integral n <= 127. For n < -126, where exp_nonpositive's results are
+  /// below the normal range, ISAs may differ: here n <= -127 gives 0 (pow2(-127) is the
+  /// zero bit pattern), AVX-512 rounds to the subnormal; either way |error| < 2^-125 for
+  /// |x| < 2, and n <= -151 gives 0 everywhere. NaN n gives 0 * x (NaN for NaN x).
+  static vec ldexp(vec x, vec n) { return x * pow2(n > -127.f ? n : -127.f); }
 };
 
 }  // namespace kvheads::simd
