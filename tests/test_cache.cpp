@@ -2,6 +2,7 @@
 // cache exactly as it was, and sizes/bytes/clear behave as documented.
 #include <catch2/catch.hpp>
 
+#include <cstdint>
 #include <cstring>
 
 #include "test_support.hpp"
@@ -53,6 +54,30 @@ TEST_CASE("a cache reports size, capacity and bytes, and clear() empties it", "[
   cache.append(k.data(), v.data(), 0);  // zero tokens: a no-op, null pointers allowed
   cache.append(nullptr, nullptr, 0);
   CHECK(cache.size() == 0);
+}
+
+TEST_CASE("cache planes are 64-byte aligned, also after growth and for every storage type", "[cache]") {
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 64 == 0; };
+  const HeadLayout layout{8, 2, 80};
+  kvheads::CacheOptions growable;
+  growable.growable = true;
+  KvCache<float> cache(layout, 3, growable);
+  CHECK(aligned(cache.keys()));
+  CHECK(aligned(cache.values()));
+  const std::vector<float> k = random_vector(40 * 160, 3), v = random_vector(40 * 160, 4);
+  cache.append(k.data(), v.data(), 40);  // grows past the first allocation
+  CHECK(cache.capacity() >= 40);
+  CHECK(aligned(cache.keys()));
+  CHECK(aligned(cache.values()));
+  const KvCache<float> copy = cache;
+  CHECK(aligned(copy.keys()));
+  CHECK(aligned(copy.values()));
+  KvCache<kvheads::bf16> half(layout, 5);
+  KvCache<std::int8_t> quarter(layout, 7);
+  CHECK(aligned(half.keys()));
+  CHECK(aligned(half.values()));
+  CHECK(aligned(quarter.keys()));
+  CHECK(aligned(quarter.values()));
 }
 
 TEST_CASE("an append that does not fit throws length_error and leaves the cache unchanged", "[cache][errors]") {

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kvheads/core/aligned_allocator.hpp"
 #include "kvheads/core/check.hpp"
 #include "kvheads/head_layout.hpp"
 #include "kvheads/storage_types.hpp"
@@ -223,7 +224,7 @@ class KvCache {
   /// The ring's attention window (0 for a linear cache).
   int window() const { return options_.window; }
 
-  /// Key plane [kv_heads][capacity][head_dim].
+  /// Key plane [kv_heads][capacity][head_dim], 64-byte aligned (as is the value plane).
   const T* keys() const { return keys_.data(); }
   /// Value plane [kv_heads][capacity][head_dim].
   const T* values() const { return values_.data(); }
@@ -282,8 +283,9 @@ class KvCache {
   int capacity_ = 0;
   int size_ = 0;
   std::int64_t position_ = 0;
-  std::vector<T> keys_;
-  std::vector<T> values_;
+  // Cache-line aligned: a row whose size is a multiple of 64 bytes spans whole lines.
+  std::vector<T, detail::AlignedAllocator<T>> keys_;
+  std::vector<T, detail::AlignedAllocator<T>> values_;
   std::vector<float> key_scales_;
   std::vector<float> value_scales_;
 };

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvheads/core/aligned_allocator.hpp"
 #include "kvheads/core/logits.hpp"
 #include "kvheads/core/parallel.hpp"
 #include "kvheads/core/softmax.hpp"
@@ -141,8 +142,8 @@ struct Size<Dynamic> {
 /// that thread (the pool's workers are persistent), so the hot path allocates nothing.
 /// Slots: 0 a task's working set, 1 key-split partial results, 2 head-major K/V copies.
 inline float* thread_scratch(std::size_t floats, int slot) {
-  thread_local std::vector<float> buffers[3];
-  std::vector<float>& buffer = buffers[slot];
+  thread_local std::vector<float, AlignedAllocator<float>> buffers[3];
+  std::vector<float, AlignedAllocator<float>>& buffer = buffers[slot];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
 }
