@@ -6,7 +6,7 @@
 # mismatched, and the input that did it is left in <build-dir>/artifacts/.
 #
 #   tests/fuzz/run.sh [seconds-per-target] [build-dir] [target ...]
-#   tests/fuzz/run.sh 45 build-fuzz                 # what .ci/run does
+#   tests/fuzz/run.sh 30 build-fuzz                 # what .ci/run does
 #   tests/fuzz/run.sh 3600 build-fuzz attend        # one target, an hour
 #
 # Needs clang++ and its runtimes (Debian: clang, libclang-rt-14-dev), Eigen and nlohmann-json.
