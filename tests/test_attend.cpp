@@ -81,7 +81,7 @@ TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile 
   }
   // head_dim below, at and above the vector widths (1, 4, 8, 16); query rows
   // (group_size x q_len) below, at and above the row tiles; key counts around the 64-key
-  // block (many rows) and the 256-key block (few rows, decode).
+  // (staged) and 128-key (many rows) blocks and the 256-key block (few rows, decode).
   const std::vector<std::pair<int, int>> lengths = {{1, 1},    {1, 2},     {2, 17},  {5, 63},  {17, 64},
                                                     {1, 65},   {65, 129},  {1, 256}, {2, 257}, {3, 1000}};
   for (int threads : {1, 2})

@@ -108,7 +108,7 @@ struct avx512 {
     return _mm512_castsi512_ps(_mm512_mask_slli_epi32(biased, all, biased, 23));
   }
   /// x * 2^n for integral n <= 127 in one instruction (vscalefps), where the others
-  /// take four; below 2^-126 it rounds to the subnormal (see scalar.hpp).
+  /// take five; below 2^-126 it rounds to the subnormal (see scalar.hpp).
   static vec ldexp(vec x, vec n) { return _mm512_mask_scalef_ps(x, all, x, n); }
 
  private:
