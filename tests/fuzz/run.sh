@@ -6,12 +6,17 @@
 # mismatched, and the input that did it is left in <build-dir>/artifacts/.
 #
 #   tests/fuzz/run.sh [seconds-per-target] [build-dir] [target ...]
-#   tests/fuzz/run.sh 30 build-fuzz                 # what .ci/run does
+#   tests/fuzz/run.sh 30 build-fuzz                 # every target, 30 s each, concurrently
 #   tests/fuzz/run.sh 3600 build-fuzz attend        # one target, an hour
 #
+# The targets fuzz at the same time, one process each (output goes to
+# <build-dir>/fuzz_<name>.log and is printed when all are done): on a 2-core machine the
+# two targets take the wall time of one.
+#
 # Needs clang++ and its runtimes (Debian: clang, libclang-rt-14-dev), Eigen and nlohmann-json.
-# CXX_FUZZ overrides the compiler, FUZZ_OPT the optimisation level (default -O1; CI uses
-# -O0 to compile faster), FUZZ_FLAGS adds libFuzzer flags (e.g. -jobs=2 -workers=2).
+# CXX_FUZZ overrides the compiler, FUZZ_OPT the optimisation level (default -O1),
+# FUZZ_CXXFLAGS adds compiler flags (CI: -DKVHEADS_SHAPE_SPECIALIZATIONS=0), FUZZ_FLAGS
+# adds libFuzzer flags (e.g. -jobs=2 -workers=2).
 set -euo pipefail
 
 seconds="${1:-45}"
@@ -26,7 +31,7 @@ build="$(cd "$build" && pwd)"
 eigen_flags="$(pkg-config --cflags-only-I eigen3 2>/dev/null || echo -I/usr/include/eigen3)"
 eigen_flags="${eigen_flags//-I/-isystem }"
 flags=(-std=c++17 -g "${FUZZ_OPT:--O1}" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-       -fno-omit-frame-pointer -Wall -Wextra -I"$root/include" $eigen_flags)
+       -fno-omit-frame-pointer -Wall -Wextra -I"$root/include" $eigen_flags ${FUZZ_CXXFLAGS:-})
 if "$cxx" -march=native -E -x c++ /dev/null >/dev/null 2>&1; then flags+=(-march=native); fi
 
 if [[ $# -gt 0 ]]; then
@@ -56,17 +61,31 @@ max_len_of() {
   esac
 }
 
-failed=()
-for name in "${names[@]}"; do
+run_target() {
+  local name="$1" corpus status=0
   corpus="$(mktemp -d)"
   if [[ -d "$root/tests/fuzz/corpus/$name" ]]; then cp "$root/tests/fuzz/corpus/$name"/* "$corpus"/; fi
   echo "--- fuzzing fuzz_$name for ${seconds}s from $(ls "$corpus" | wc -l) seed(s)"
-  status=0
   "$build/fuzz_$name" -max_total_time="$seconds" -max_len="$(max_len_of "$name")" -timeout=60 \
     -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$build/artifacts/${name}-" \
     ${FUZZ_FLAGS:-} "$corpus" || status=$?
   echo "--- fuzz_$name: corpus grew to $(ls "$corpus" | wc -l) input(s)"
   rm -rf "$corpus"
+  return $status
+}
+
+pids=()
+for name in "${names[@]}"; do
+  echo "--- fuzz_$name: running (log: $build/fuzz_$name.log)"
+  run_target "$name" >"$build/fuzz_$name.log" 2>&1 &
+  pids+=($!)
+done
+failed=()
+for i in "${!names[@]}"; do
+  name="${names[$i]}"
+  status=0
+  wait "${pids[$i]}" || status=$?
+  cat "$build/fuzz_$name.log"
   if [[ $status -ne 0 ]]; then
     echo "fuzz_$name FAILED (exit $status); reproduce with: $build/fuzz_$name $build/artifacts/${name}-*"
     failed+=("$name")
