@@ -348,7 +348,7 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
                "thread and the limits' CPU-time figures):\n");
   kvheads_bench::Table table({"case", "kvheads ms", "eigen ms", "GB/s", "GFLOP/s", "roofline", "best-iter",
                               "roofline CPU", "% FMA peak", "% peak CPU", "vs eigen", "vs eigen CPU", "eigen roofline CPU", "2t vs 1t",
-                              "cpu util", "max|diff|"});
+                              "cpu util", "on cpu", "max|diff|"});
   bool contended = false;
   for (const Case& c : cases) {
     const Result* mine = find_result(c.name() + "/kvheads");
@@ -371,6 +371,7 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
                format(eigen && mine ? eigen->timing.cpu / mine->timing.cpu : nan, 1),
                format(eigen ? cpu_roofline_ratio(eigen->timing, work) : nan, 1),
                format(one_thread ? one_thread->timing.mean / t : nan, 2), utilisation(mine, c.threads, contended),
+               mine && mine->timing.main_cpu >= 0 ? std::to_string(mine->timing.main_cpu) : "-",
                eigen && !std::isnan(eigen->check) ? format(eigen->check, 7) : "-"});
   }
   table.print(out);

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <ctime>
 #include <limits>
 #include <map>
@@ -31,6 +32,9 @@
 #include <vector>
 
 #include "kvheads/simd/simd.hpp"
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 namespace kvheads_bench {
 
@@ -353,6 +357,10 @@ struct Timing {
   double best = 0;  // fastest single call
   double cpu = 0;   // process CPU seconds per call, all threads (std::clock)
   std::int64_t iterations = 0;
+  /// The CPU the calling thread was on after most calls (Linux; -1 elsewhere). A VM's
+  /// cores can differ in speed (see bench/README.md), and a 1-thread case runs wherever
+  /// the scheduler puts it: this tells two runs' figures apart.
+  int main_cpu = -1;
 
   /// Share of `threads` cores the process actually held while timed: about 1 when the
   /// machine was ours, well below 1 when other processes took the cores (then the times
@@ -382,6 +390,7 @@ Timing timed_loop(benchmark::State& state, Fn&& fn) {
   double total = 0;
   double best = std::numeric_limits<double>::infinity();
   std::int64_t iterations = 0;
+  std::int64_t calls_on_cpu[64] = {};
   const std::clock_t cpu_start = std::clock();
   for (auto _ : state) {
     const Clock::time_point start = Clock::now();
@@ -392,6 +401,10 @@ Timing timed_loop(benchmark::State& state, Fn&& fn) {
     total += seconds;
     best = std::min(best, seconds);
     ++iterations;
+#if defined(__linux__)
+    const int cpu = sched_getcpu();  // outside the timed region
+    if (cpu >= 0 && cpu < 64) ++calls_on_cpu[cpu];
+#endif
   }
   const double cpu_seconds = double(std::clock() - cpu_start) / CLOCKS_PER_SEC;
   Timing timing;
@@ -399,6 +412,8 @@ Timing timed_loop(benchmark::State& state, Fn&& fn) {
   timing.cpu = iterations > 0 ? cpu_seconds / double(iterations) : 0.0;
   timing.mean = iterations > 0 ? total / double(iterations) : 0.0;
   timing.best = iterations > 0 ? best : 0.0;
+  const std::int64_t* most = std::max_element(std::begin(calls_on_cpu), std::end(calls_on_cpu));
+  if (*most > 0) timing.main_cpu = int(most - std::begin(calls_on_cpu));
   return timing;
 }
 
@@ -416,6 +431,7 @@ inline void set_counters(benchmark::State& state, const Work& work, const Timing
     state.counters["roofline_cpu"] = cpu_roofline_ratio(timing, work);
   }
   state.counters["kv_bytes"] = benchmark::Counter(work.bytes, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
+  if (timing.main_cpu >= 0) state.counters["main_cpu"] = timing.main_cpu;
 }
 
 // ---------------------------------------------------------------------------------------
