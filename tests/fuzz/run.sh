@@ -17,7 +17,7 @@
 # CXX_FUZZ overrides the compiler, FUZZ_OPT the optimisation level (default -O1),
 # FUZZ_CXXFLAGS the extra compiler flags (default -DKVHEADS_SHAPE_SPECIALIZATIONS=0: the
 # run-time-size kernels only, as in the sanitizer builds of .ci/run; fuzz_attend then
-# compiles in ~30 s instead of ~12 minutes; FUZZ_CXXFLAGS= with nothing fuzzes the
+# compiles in ~30 s instead of ~6 minutes; FUZZ_CXXFLAGS= with nothing fuzzes the
 # compile-time shapes too), FUZZ_FLAGS adds libFuzzer flags (e.g. -jobs=2 -workers=2).
 set -euo pipefail
 
