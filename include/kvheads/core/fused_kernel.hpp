@@ -273,14 +273,17 @@ struct LogitStrides {
 /// their accumulator, so a NaN or inf in a value a row cannot see stays out of that row
 /// (0 * inf is NaN). A NaN weight is left out the same way; its row's sum is NaN, so the
 /// row still comes out NaN.
+/// prefetch_rows: when given, the pass also prefetches prefetch_rows + j * v_stride for
+/// every key j it walks (the next cache line of each V row, see the caller).
 template <class Isa, int RowVecs, int Dims, bool SkipZero>
 KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
-                       float* acc_t) {
+                       float* acc_t, const float* prefetch_rows = nullptr) {
   using V = typename Isa::vec;
   V acc[Dims][RowVecs];
   for (int d = 0; d < Dims; ++d)
     for (int r = 0; r < RowVecs; ++r) acc[d][r] = Isa::load(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
   for (int j = 0; j < keys; ++j) {
+    if (prefetch_rows) simd::prefetch(prefetch_rows + j * v_stride);
     V weight[RowVecs];
     for (int r = 0; r < RowVecs; ++r) {
       weight[r] = Isa::load(p + std::ptrdiff_t(j) * rows_padded + r * Isa::width);
@@ -516,10 +519,16 @@ class FusedTask {
       // requests spread over the whole block. Few-row tasks fetch K during Q.K and V
       // during P.V (GQA-8 decode of 16384 keys, 1 thread: -9% time, MHA -4 to -6%, medians
       // of 7-9 alternating runs; prefetching a whole block at once gained nothing). Many-row
-      // tasks fetch this block's V during Q.K and the next block's K during P.V: fetching
-      // the next block's K and V during Q.K evicted the block in use from L1 (per-key
-      // cycles of MQA decode at 16384 keys, best of 7 alternating runs: Q.K 85 against 105,
-      // 102 without prefetching; whole call 1.50 ms against 1.56, 1.58 without).
+      // tasks fetch the next block's K during P.V (fetching the next block's K and V
+      // during Q.K evicted the block in use from L1: per-key cycles of MQA decode at 16384
+      // keys, best of 7 alternating runs, Q.K 85 against 105, 102 without prefetching;
+      // whole call 1.50 ms against 1.56, 1.58 without). Of this block's V they fetch only
+      // the first line of each row during Q.K: P.V's passes over the keys go through V
+      // one cache line (two or four dim tiles) at a time, and the first pass over each
+      // line fetches the next one, just ahead of use, instead of the whole block arriving
+      // at once during Q.K (MQA decode of 16384 keys, medians of 9-15 alternating runs
+      // pinned to one core: 1.458 -> 1.418 ms on 1 thread, 0.757 -> 0.737 on 2, and
+      // 1.855 -> 1.715 at a busier moment; causal prefill unchanged).
       PrefetchRows during_qk, during_pv;
       if (k_rows != k_stage) {
         const int next_keys = int(std::clamp<std::ptrdiff_t>(stored_end - (block + key_block), 0, key_block));
@@ -527,7 +536,7 @@ class FusedTask {
         const int lines = (head_dim * int(sizeof(KvT)) + 63) / 64;
         const PrefetchRows next_k{reinterpret_cast<const char*>(k) + key_block * stride, stride, next_keys, lines};
         const PrefetchRows next_v{reinterpret_cast<const char*>(v) + key_block * stride, stride, next_keys, lines};
-        const PrefetchRows this_v{reinterpret_cast<const char*>(v), stride, keys, lines};
+        const PrefetchRows this_v{reinterpret_cast<const char*>(v), stride, keys, by_dims ? lines : 1};
         during_qk = by_dims ? next_k : this_v;
         during_pv = by_dims ? next_v : next_k;
       }
@@ -641,10 +650,17 @@ class FusedTask {
               with_tile_size<tile_dims>(head_dim - d, [&](auto dims_now) {
                 const float* p = logits + rv * width;
                 float* out = acc + std::ptrdiff_t(d) * rows_padded + rv * width;
+                // The first pass over each cache line of the V rows fetches the next line.
+                constexpr int line_floats = int(cache_line / sizeof(float));
+                const int next_line = (d / line_floats + 1) * line_floats;
+                const bool fetch = rv == 0 && d % line_floats == 0 && next_line < head_dim && v_rows != v_stage;
+                const float* prefetch_rows = fetch ? v_rows + next_line : nullptr;
                 if (block_needs_mask)
-                  pv_by_rows<Isa, vecs_now.value, dims_now.value, true>(p, rows_padded, v_rows + d, row_stride, keys, out);
+                  pv_by_rows<Isa, vecs_now.value, dims_now.value, true>(p, rows_padded, v_rows + d, row_stride, keys, out,
+                                                                        prefetch_rows);
                 else
-                  pv_by_rows<Isa, vecs_now.value, dims_now.value, false>(p, rows_padded, v_rows + d, row_stride, keys, out);
+                  pv_by_rows<Isa, vecs_now.value, dims_now.value, false>(p, rows_padded, v_rows + d, row_stride, keys, out,
+                                                                         prefetch_rows);
               });
             });
         }
