@@ -22,8 +22,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <iterator>
 #include <ctime>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <string>
