@@ -204,6 +204,33 @@ TEST_CASE("uneven tasks balance across workers", "[parallel]") {
   CHECK(with_slow < n_tasks / 2);
 }
 
+TEST_CASE("each worker starts on its own contiguous share of the tasks", "[parallel]") {
+  // The first task of each share waits until all three have started, so no worker can
+  // finish its share and take from another's before that share's owner has begun: each
+  // worker's first task is the start of its share, in every call (what keeps a worker on
+  // the same KV heads, and their K/V in its core's caches, call after call).
+  ThreadPool pool(3);
+  constexpr std::ptrdiff_t n_tasks = 10;  // shares [0, 3), [3, 6), [6, 10)
+  for (int call = 0; call < 3; ++call) {
+    INFO("call " << call);
+    std::atomic<int> started{0};
+    std::atomic<bool> timed_out{false};
+    std::vector<std::ptrdiff_t> first_task(3, -1);
+    std::vector<int> runs(n_tasks, 0);
+    parallel_for(pool, n_tasks, 0, [&](std::ptrdiff_t task, int worker) {
+      ++runs[static_cast<std::size_t>(task)];  // each task runs once, so no two threads touch one entry
+      if (first_task[static_cast<std::size_t>(worker)] < 0) first_task[static_cast<std::size_t>(worker)] = task;
+      if (task == 0 || task == 3 || task == 6) {
+        started.fetch_add(1);
+        if (!eventually([&] { return started.load() == 3; })) timed_out.store(true);
+      }
+    });
+    REQUIRE_FALSE(timed_out.load());
+    CHECK(first_task == std::vector<std::ptrdiff_t>{0, 3, 6});
+    CHECK(runs == std::vector<int>(n_tasks, 1));
+  }
+}
+
 TEST_CASE("an exception in a task reaches the caller and the pool stays usable", "[parallel]") {
   ThreadPool pool(3);
   for (int threads : {0, 1, 2}) {
