@@ -259,6 +259,24 @@ inline void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k
   }
 }
 
+/// Rows to prefetch while a micro-kernel walks its keys: for key j < keys, the row at
+/// first + j * stride (bytes), `lines` cache lines of it.
+struct PrefetchRows {
+  const char* first = nullptr;
+  std::ptrdiff_t stride = 0;
+  int keys = 0, lines = 0;
+
+  void key(int j) const {
+    if (j >= keys) return;
+    for (int line = 0; line < lines; ++line) simd::prefetch(first + j * stride + line * 64);
+  }
+  /// The i-th cache line of the rows, counted key-major.
+  void line(int i) const {
+    const int j = i / lines;
+    if (j < keys) simd::prefetch(first + j * stride + (i - j * lines) * 64);
+  }
+};
+
 /// The strides of the block's logits, p(j, r) = p[j * key + r * row].
 struct LogitStrides {
   int key, row;
@@ -275,15 +293,27 @@ struct LogitStrides {
 /// row still comes out NaN.
 /// prefetch_rows: when given, the pass also prefetches prefetch_rows + j * v_stride for
 /// every key j it walks (the next cache line of each V row, see the caller).
+/// spread: lines [spread_first, spread_first + spread_count) of other rows (the next
+/// block's K), requested one at a time and evenly over the keys rather than all at once
+/// before the pass: a burst of requests fills the core's miss buffers and stalls the
+/// loads the pass itself waits for.
 template <class Isa, int RowVecs, int Dims, bool SkipZero>
 KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
-                       float* acc_t, const float* prefetch_rows = nullptr) {
+                       float* acc_t, const float* prefetch_rows = nullptr, PrefetchRows spread = {}, int spread_first = 0,
+                       int spread_count = 0) {
   using V = typename Isa::vec;
   V acc[Dims][RowVecs];
   for (int d = 0; d < Dims; ++d)
     for (int r = 0; r < RowVecs; ++r) acc[d][r] = Isa::load(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
+  const int spread_step = spread_count > 0 ? std::max(1, keys / spread_count) : 0;
+  int spread_next = 0, spread_done = 0;
   for (int j = 0; j < keys; ++j) {
     if (prefetch_rows) simd::prefetch(prefetch_rows + j * v_stride);
+    if (j == spread_next && spread_done < spread_count) {
+      spread.line(spread_first + spread_done);
+      ++spread_done;
+      spread_next += spread_step;
+    }
     V weight[RowVecs];
     for (int r = 0; r < RowVecs; ++r) {
       weight[r] = Isa::load(p + std::ptrdiff_t(j) * rows_padded + r * Isa::width);
@@ -300,19 +330,6 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
   for (int d = 0; d < Dims; ++d)
     for (int r = 0; r < RowVecs; ++r) Isa::store(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width, acc[d][r]);
 }
-
-/// Rows to prefetch while a micro-kernel walks its keys: for key j < keys, the row at
-/// first + j * stride (bytes), `lines` cache lines of it.
-struct PrefetchRows {
-  const char* first = nullptr;
-  std::ptrdiff_t stride = 0;
-  int keys = 0, lines = 0;
-
-  void key(int j) const {
-    if (j >= keys) return;
-    for (int line = 0; line < lines; ++line) simd::prefetch(first + j * stride + line * 64);
-  }
-};
 
 /// P.V: out[r][chunk c0..c0+Chunks) += sum_j p(j, r) * v_j[...], for Rows rows.
 /// SkipZero (blocks with masked keys): a masked key has weight exactly 0; skipping it
@@ -522,7 +539,14 @@ class FusedTask {
       // tasks fetch the next block's K during P.V (fetching the next block's K and V
       // during Q.K evicted the block in use from L1: per-key cycles of MQA decode at 16384
       // keys, best of 7 alternating runs, Q.K 85 against 105, 102 without prefetching;
-      // whole call 1.50 ms against 1.56, 1.58 without). Of this block's V they fetch only
+      // whole call 1.50 ms against 1.56, 1.58 without), one line every other key of each
+      // P.V pass rather than a pass's share of rows all at its start (MQA decode of 16384
+      // keys, 1 thread, medians of 9-11 alternating pinned runs, three sessions: 1.492 ->
+      // 1.440, 1.420 -> 1.392, 1.512 -> 1.475 ms; with the K/V evicted from L3 between
+      // calls, as when a model attends layer after layer, 1.652 -> 1.547, 1.585 -> 1.552,
+      // 1.670 -> 1.624; 2 threads 0.752 -> 0.741; causal GQA-8 prefill of 2048 200.8 ->
+      // 199.6). Whole rows stay: only their first lines took 1.91 against 1.70 ms with the
+      // K/V evicted. Of this block's V they fetch only
       // the first line of each row during Q.K: P.V's passes over the keys go through V
       // one cache line (two or four dim tiles) at a time, and the first pass over each
       // line fetches the next one, just ahead of use, instead of the whole block arriving
@@ -644,7 +668,9 @@ class FusedTask {
         const int keys_per_tile = (key_block + dim_tiles - 1) / dim_tiles;  // prefetches spread over the tiles
         for (int d = 0; d < head_dim; d += tile_dims) {
           const int first_key = d / tile_dims * keys_per_tile;
-          for (int key = first_key; key < first_key + keys_per_tile; ++key) during_pv.key(key);
+          // The next block's K, spread over this pass's keys (the first row tile's pass).
+          const int spread_count = keys_per_tile * during_pv.lines;
+          const int spread_first = first_key * during_pv.lines;
           for (int rv = 0; rv < row_vecs; rv += tile_row_vecs)
             with_tile_size<tile_row_vecs>(row_vecs - rv, [&](auto vecs_now) {
               with_tile_size<tile_dims>(head_dim - d, [&](auto dims_now) {
@@ -657,10 +683,12 @@ class FusedTask {
                 const float* prefetch_rows = fetch ? v_rows + next_line : nullptr;
                 if (block_needs_mask)
                   pv_by_rows<Isa, vecs_now.value, dims_now.value, true>(p, rows_padded, v_rows + d, row_stride, keys, out,
-                                                                        prefetch_rows);
+                                                                        prefetch_rows, during_pv, spread_first,
+                                                                        rv == 0 ? spread_count : 0);
                 else
                   pv_by_rows<Isa, vecs_now.value, dims_now.value, false>(p, rows_padded, v_rows + d, row_stride, keys, out,
-                                                                         prefetch_rows);
+                                                                         prefetch_rows, during_pv, spread_first,
+                                                                         rv == 0 ? spread_count : 0);
               });
             });
         }
