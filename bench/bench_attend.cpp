@@ -3,7 +3,9 @@
 //
 //   decode  (q_len 1) against a KvCache<float> at kv_len 4096 and 16384: memory-bound;
 //   causal prefill (q_len = kv_len) on plain memory at 512 and 2048: compute-bound;
-//   each on 1 and 2 threads, each with "/kvheads" and "/eigen" runs on the same inputs.
+//   each on 1 and 2 threads, each with "/kvheads" and "/eigen" runs on the same inputs;
+//   decode with the K/V out of cache ("/layers:N"): one cache per layer of a model,
+//   attended in turn, so each call finds its K/V evicted by the other layers' (kvheads only).
 //
 // Before the benchmarks run, the machine's read bandwidth (per K/V working-set size) and
 // fp32 FMA peak are measured and printed; every run reports GBps, GFLOPs, roofline_ratio
@@ -53,6 +55,12 @@ constexpr int kKvHeads[] = {32, 8, 1};
 constexpr int kDecodeLens[] = {4096, 16384};
 constexpr int kPrefillLens[] = {512, 2048};
 constexpr int kThreadCounts[] = {1, 2};
+// A model's decode step attends every layer's cache in turn (with the layers' weights
+// streamed in between), so one layer's K/V is long gone from L2/L3 when the next token
+// reaches it; a single cache attended again and again stays in L3 when it fits (MQA:
+// 4 and 16 MiB). The "/layers:N" decode cases rotate through N caches of at least this
+// many bytes in all, several times any last-level cache of our machines.
+constexpr std::size_t kColdWorkingSet = std::size_t(256) << 20;
 
 // The targets of the "Fast kernels" issue (bench/README.md).
 constexpr double kDecodeRooflineTarget = 1.25;  // decode 16384: time <= 1.25 x roofline
@@ -69,6 +77,7 @@ struct Case {
   int kv_heads = 0;
   int len = 0;  // kv_len (decode) or q_len = kv_len (prefill)
   int threads = 1;
+  int layers = 1;  // decode: caches attended in turn, one per call (> 1: K/V out of cache)
 
   kvheads::HeadLayout layout() const { return kvheads::make_layout(kQHeads, kv_heads, kHeadDim); }
   int q_len() const { return kind == Kind::decode ? 1 : len; }
@@ -80,22 +89,28 @@ struct Case {
     if (kv_heads == 1) return "MQA";
     return "GQA-" + std::to_string(kv_heads);
   }
-  /// e.g. "decode/kv_len:16384/GQA-8/threads:2"
+  /// e.g. "decode/kv_len:16384/GQA-8/threads:2", "decode/kv_len:16384/MQA/layers:16/threads:1"
   std::string name() const {
     return std::string(kind == Kind::decode ? "decode/kv_len:" : "prefill/len:") + std::to_string(len) + "/" +
-           layout_name(kv_heads) + "/threads:" + std::to_string(threads);
+           layout_name(kv_heads) + (layers > 1 ? "/layers:" + std::to_string(layers) : "") +
+           "/threads:" + std::to_string(threads);
   }
+  bool cold() const { return layers > 1; }
   /// Cases that share inputs (all but the thread count).
   std::string data_key() const { return name().substr(0, name().rfind("/threads:")); }
 
-  /// K+V bytes streamed, and useful flops: 4 x q_heads x head_dim per visible
-  /// (query, key) pair (Q.K and P.V, a multiply-add counting 2 each).
+  /// K+V bytes of one call's cache.
+  double kv_bytes() const { return 2.0 * kv_heads * double(len) * kHeadDim * sizeof(float); }
+
+  /// Per call: K+V bytes streamed, and useful flops: 4 x q_heads x head_dim per visible
+  /// (query, key) pair (Q.K and P.V, a multiply-add counting 2 each). The working set is
+  /// every layer's cache, which is what the bandwidth is measured over.
   Work work() const {
     Work work;
     const double pairs = kind == Kind::decode ? double(len) : double(len) * double(len + 1) / 2.0;
     work.flops = 4.0 * kQHeads * kHeadDim * pairs;
-    work.bytes = 2.0 * kv_heads * double(len) * kHeadDim * sizeof(float);
-    work.working_set = std::size_t(work.bytes);
+    work.bytes = kv_bytes();
+    work.working_set = std::size_t(work.bytes) * std::size_t(layers);
     work.threads = threads;
     return work;
   }
@@ -108,6 +123,19 @@ std::vector<Case> all_cases() {
                                         : std::vector<int>(std::begin(kPrefillLens), std::end(kPrefillLens)))
       for (int kv_heads : kKvHeads)
         for (int threads : kThreadCounts) cases.push_back(Case{kind, kv_heads, len, threads});
+  // The same decode cases with their K/V out of cache, where one cache alone is smaller
+  // than kColdWorkingSet (a larger one already streams from DRAM every call).
+  for (int len : kDecodeLens)
+    for (int kv_heads : kKvHeads) {
+      Case c{Kind::decode, kv_heads, len, 1};
+      const auto bytes = std::size_t(c.kv_bytes());
+      if (bytes >= kColdWorkingSet) continue;
+      c.layers = int((kColdWorkingSet + bytes - 1) / bytes);
+      for (int threads : kThreadCounts) {
+        c.threads = threads;
+        cases.push_back(c);
+      }
+    }
   return cases;
 }
 
@@ -130,15 +158,43 @@ struct Inputs {
   std::vector<float> q, k, v;       // k, v: prefill only
   std::vector<float> out;           // kvheads' output
   std::vector<float> baseline_out;  // Eigen's output
-  std::unique_ptr<kvheads::KvCache<float>> cache;  // decode only
+  std::vector<std::unique_ptr<kvheads::KvCache<float>>> caches;  // decode only: one per layer
+  std::size_t next_layer = 0;                                     // decode: the next call's cache
 
-  std::ptrdiff_t kv_token_stride = 0;              // prefill: kv_heads * head_dim
+  std::ptrdiff_t kv_token_stride = 0;  // prefill: kv_heads * head_dim
 
+  /// The K/V of the next call (prefill, or decode of one layer; the Eigen baseline does
+  /// not run the layered cases).
   KvView view() const {
-    if (cache) return {cache->keys(), cache->values(), cache->token_stride(), cache->head_stride()};
+    if (!caches.empty()) {
+      const kvheads::KvCache<float>& cache = *caches.front();
+      return {cache.keys(), cache.values(), cache.token_stride(), cache.head_stride()};
+    }
     return {k.data(), v.data(), kv_token_stride, kHeadDim};
   }
+  /// Decode: the cache of the next call, rotating over the layers.
+  kvheads::KvCache<float>& next_cache() {
+    kvheads::KvCache<float>& cache = *caches[next_layer];
+    next_layer = (next_layer + 1) % caches.size();
+    return cache;
+  }
 };
+
+/// A cache of `kv_len` random tokens, different for every `layer`.
+std::unique_ptr<kvheads::KvCache<float>> random_cache(const kvheads::HeadLayout& layout, int kv_len, int layer) {
+  auto cache = std::make_unique<kvheads::KvCache<float>>(layout, kv_len);
+  constexpr int kChunk = 256;
+  std::vector<float> k(std::size_t(kChunk) * std::size_t(layout.kv_width()));
+  std::vector<float> v(k.size());
+  const std::uint64_t seed = 2 + 2 * std::uint64_t(layer) * std::uint64_t(kv_len);
+  for (int first = 0; first < kv_len; first += kChunk) {
+    const int n = std::min(kChunk, kv_len - first);
+    kvheads_bench::fill_random(k, seed + 2 * std::uint64_t(first));
+    kvheads_bench::fill_random(v, seed + 1 + 2 * std::uint64_t(first));
+    cache->append(k.data(), v.data(), n);
+  }
+  return cache;
+}
 
 Inputs& inputs_for(const Case& c) {
   static Inputs current;
@@ -152,16 +208,7 @@ Inputs& inputs_for(const Case& c) {
   current.baseline_out.assign(q_floats, 0.f);
   const std::size_t kv_floats = std::size_t(c.kv_len()) * std::size_t(layout.kv_width());
   if (c.kind == Kind::decode) {
-    current.cache = std::make_unique<kvheads::KvCache<float>>(layout, c.kv_len());
-    constexpr int kChunk = 256;
-    std::vector<float> k(std::size_t(kChunk) * std::size_t(layout.kv_width()));
-    std::vector<float> v(k.size());
-    for (int first = 0; first < c.kv_len(); first += kChunk) {
-      const int n = std::min(kChunk, c.kv_len() - first);
-      kvheads_bench::fill_random(k, 2 + 2 * std::uint64_t(first));
-      kvheads_bench::fill_random(v, 3 + 2 * std::uint64_t(first));
-      current.cache->append(k.data(), v.data(), n);
-    }
+    for (int layer = 0; layer < c.layers; ++layer) current.caches.push_back(random_cache(layout, c.kv_len(), layer));
   } else {
     current.k.resize(kv_floats);
     current.v.resize(kv_floats);
@@ -186,7 +233,7 @@ kvheads::AttentionOptions options_for(const Case& c) {
 void run_kvheads(const Case& c, Inputs& in) {
   const kvheads::AttentionOptions options = options_for(c);
   if (c.kind == Kind::decode)
-    kvheads::attend(in.q.data(), c.q_len(), *in.cache, in.out.data(), options);
+    kvheads::attend(in.q.data(), c.q_len(), in.next_cache(), in.out.data(), options);
   else
     kvheads::attend(in.q.data(), in.k.data(), in.v.data(), in.out.data(), c.q_len(), c.kv_len(), c.layout(), options);
 }
@@ -293,9 +340,10 @@ void bench_eigen(benchmark::State& state, Case c) {
 
 void register_benchmarks(const std::vector<Case>& cases) {
   for (const Case& c : cases) {
-    benchmark::RegisterBenchmark((c.name() + "/eigen").c_str(), bench_eigen, c)
-        ->UseManualTime()
-        ->Unit(benchmark::kMillisecond);
+    if (!c.cold())
+      benchmark::RegisterBenchmark((c.name() + "/eigen").c_str(), bench_eigen, c)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark((c.name() + "/kvheads").c_str(), bench_kvheads, c)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);
@@ -384,7 +432,7 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
   std::fprintf(out, "\nTargets (issue \"Fast kernels\", item 5):\n");
   // Decode at 16384 within 1.25x of the roofline.
   for (const Case& c : cases) {
-    if (c.kind != Kind::decode || c.len != 16384) continue;
+    if (c.kind != Kind::decode || c.len != 16384 || c.cold()) continue;
     const Result* mine = find_result(c.name() + "/kvheads");
     if (!mine) continue;
     const double wall = roofline_ratio(mine->timing, c.work());
@@ -455,6 +503,28 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
                  verdicts(wall >= kGqaBytesRatioTarget, cpu >= kGqaBytesRatioTarget,
                           is_contended(a, threads) || is_contended(b, threads))
                      .c_str());
+  }
+
+  // Not a target: decode with the K/V out of cache, against its own roofline (bandwidth
+  // over every layer's cache) and the same case attending one cache again and again.
+  bool header = false;
+  for (const Case& c : cases) {
+    if (!c.cold()) continue;
+    const Result* cold = find_result(c.name() + "/kvheads");
+    if (!cold) continue;
+    if (!header)
+      std::fprintf(out, "\nDecode with the K/V out of cache (one cache per layer, attended in turn; not a target):\n");
+    header = true;
+    Case warm_case = c;
+    warm_case.layers = 1;
+    const Result* warm = find_result(warm_case.name() + "/kvheads");
+    const double bound = kvheads_bench::roofline_seconds(c.work());
+    const bool memory_bound = c.work().bytes / (limits.read_gbps(c.work().working_set, c.threads) * 1e9) >=
+                              c.work().flops / (limits.fma_gflops(c.threads) * 1e9);
+    std::fprintf(out, "  %-44s %.3f ms, roofline %.2f (%s-bound), by CPU time %.2f; %s the warm case's time\n",
+                 c.name().c_str(), cold->timing.mean * 1e3, cold->timing.mean / bound,
+                 memory_bound ? "memory" : "compute", cpu_roofline_ratio(cold->timing, c.work()),
+                 warm ? (format(cold->timing.mean / warm->timing.mean, 2) + "x").c_str() : "-");
   }
   std::fflush(out);
 }
