@@ -819,9 +819,20 @@ class FusedTask {
     const V lowest = Isa::broadcast(-std::numeric_limits<float>::max());
     for (int rv = 0; rv < rows_padded; rv += width) {
       const V old_max = Isa::load(row_max + rv);
-      V block_max = Isa::broadcast(neg_inf);
-      for (int j = 0; j < keys; ++j) block_max = Isa::max(block_max, Isa::load(logits + std::ptrdiff_t(j) * rows_padded + rv));
-      const V new_max = Isa::max(old_max, block_max);
+      // Four running maxima: one chain of `keys` dependent max instructions waits on
+      // their latency, not on the loads (MQA decode of 16384 keys, 1 thread, medians of
+      // 11 alternating pinned runs: 1.407 -> 1.391 ms; 2 threads 0.732 -> 0.724).
+      constexpr int chains = 4;
+      V block_max[chains];
+      for (V& m : block_max) m = Isa::broadcast(neg_inf);
+      int key = 0;
+      for (; key + chains <= keys; key += chains)
+        for (int c = 0; c < chains; ++c)
+          block_max[c] = Isa::max(block_max[c], Isa::load(logits + std::ptrdiff_t(key + c) * rows_padded + rv));
+      for (; key < keys; ++key)
+        block_max[0] = Isa::max(block_max[0], Isa::load(logits + std::ptrdiff_t(key) * rows_padded + rv));
+      V new_max = old_max;
+      for (const V& m : block_max) new_max = Isa::max(new_max, m);
       // While a row has seen only masked keys its max is -inf; subtract 0 instead so
       // exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
       const V shift = Isa::select_less(new_max, lowest, Isa::zero(), new_max);
