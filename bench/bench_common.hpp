@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvheads/core/aligned_allocator.hpp"
 #include "kvheads/simd/simd.hpp"
 #if defined(__linux__)
 #include <sched.h>
@@ -173,7 +174,9 @@ class MachineLimits {
     for (int threads : thread_counts) fma_[threads] = measure_fma_gflops(threads, repetitions);
     if (working_sets.empty()) return;
     // One buffer as large as the largest working set; smaller sets are its prefixes.
-    std::vector<float> buffer(working_sets.back() / sizeof(float) + 1, 1.0f);
+    // Allocated as a KvCache's planes are (huge pages where the system gives them), so
+    // the kernels are held to the bandwidth their own memory can deliver.
+    std::vector<float, kvheads::detail::AlignedAllocator<float>> buffer(working_sets.back() / sizeof(float) + 1, 1.0f);
     for (std::size_t bytes : working_sets)
       for (int threads : thread_counts)
         read_[{bytes, threads}] = measure_read_gbps(buffer.data(), bytes / sizeof(float), threads, repetitions);

@@ -4,6 +4,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
 
 #include "test_support.hpp"
 
@@ -78,6 +81,59 @@ TEST_CASE("cache planes are 64-byte aligned, also after growth and for every sto
   CHECK(aligned(half.values()));
   CHECK(aligned(quarter.keys()));
   CHECK(aligned(quarter.values()));
+}
+
+namespace {
+#if defined(__linux__) && defined(__x86_64__)
+/// The VmFlags of the mapping holding p in /proc/self/smaps ("" when not found).
+std::string vm_flags_of(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    std::uintptr_t start = 0, end = 0;
+    char dash = 0;
+    std::istringstream header(line);
+    if (line.find(':') > line.find(' ') && header >> std::hex >> start >> dash >> end && dash == '-') {
+      inside = start <= address && address < end;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line + " ";
+    }
+  }
+  return "";
+}
+#endif
+}  // namespace
+
+TEST_CASE("cache planes of 2 MiB or more start on a huge-page boundary and are advised to use huge pages", "[cache]") {
+  const auto huge_aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % (2u << 20) == 0; };
+  const HeadLayout layout{8, 2, 128};
+  // 2 KV heads x 2048 tokens x 128 floats = 2 MiB per plane.
+  KvCache<float> cache(layout, 2048);
+  CHECK(huge_aligned(cache.keys()));
+  CHECK(huge_aligned(cache.values()));
+  // A growable cache crosses the threshold as it grows, keeping its contents.
+  kvheads::CacheOptions growable;
+  growable.growable = true;
+  KvCache<float> grown(layout, 16, growable);
+  const int tokens = 3000;
+  const std::vector<float> k = random_vector(std::size_t(tokens) * 256, 5), v = random_vector(std::size_t(tokens) * 256, 6);
+  for (int first = 0; first < tokens; first += 100)
+    grown.append(k.data() + std::size_t(first) * 256, v.data() + std::size_t(first) * 256, std::min(100, tokens - first));
+  CHECK(huge_aligned(grown.keys()));
+  CHECK(huge_aligned(grown.values()));
+  for (int token = 0; token < tokens; token += 997)
+    for (int head = 0; head < 2; ++head)
+      CHECK(std::memcmp(grown.keys() + head * grown.head_stride() + token * grown.token_stride(),
+                        k.data() + (std::size_t(token) * 2 + std::size_t(head)) * 128, 128 * sizeof(float)) == 0);
+#if defined(__linux__) && defined(__x86_64__)
+  // The advice shows as "hg" in the mapping's VmFlags, where the kernel has transparent
+  // huge pages at all (whether it then uses them is its policy, not ours).
+  if (std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled")) {
+    CHECK_THAT(vm_flags_of(cache.keys()), Catch::Matchers::Contains(" hg "));
+    CHECK_THAT(vm_flags_of(grown.values()), Catch::Matchers::Contains(" hg "));
+  }
+#endif
 }
 
 TEST_CASE("an append that does not fit throws length_error and leaves the cache unchanged", "[cache][errors]") {
