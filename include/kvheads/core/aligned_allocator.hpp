@@ -14,11 +14,12 @@
 // hardware prefetchers restart at every page boundary and every 4 KiB costs a TLB
 // entry. Reading 256 MiB on one core of our CI machine: 28.5-29.0 GB/s against
 // 26.2-26.5 with 4 KiB pages (medians of 15 passes, alternating processes). Decode of
-// 16384 keys from a KvCache<float>, 1 thread, medians of 7-15 alternating pinned runs
-// at a time when other tenants loaded the memory: GQA-8 10.02 -> 8.47, 8.37 -> 7.08,
-// 9.12 -> 7.83 ms, MHA 34.3 -> 31.1 and 25.7 -> 20.0 ms, MQA (in L3) unchanged; one
-// quieter session had GQA-8 at 5.99 -> 6.59 ms. The advice is only a hint: where it is
-// refused or unsupported, the memory is used as it comes.
+// 16384 keys from a KvCache<float>, 1 thread, medians of 5-15 alternating pinned runs
+// in seven sessions: MHA (one row per KV head, bound by the stream) 34.3 -> 31.1,
+// 25.7 -> 20.0, 26.6 -> 21.4, 25.5 -> 24.1 ms; GQA-8 mixed: 10.02 -> 8.47, 8.37 ->
+// 7.08, 9.12 -> 7.83 ms when other tenants loaded the memory, 5.99 -> 6.59, 4.92 ->
+// 5.00, 7.07 -> 7.36 ms at other times; MQA (in L3) unchanged. The advice is only a
+// hint: where it is refused or unsupported, the memory is used as it comes.
 #include <cstddef>
 #include <new>
 
