@@ -171,9 +171,13 @@ struct Tiling {
   /// Q.K by rows: up to qk_row_vecs row vectors x qk_keys keys (2 x 8: 16 accumulators).
   static constexpr int qk_row_vecs = 2;
   static constexpr int qk_keys = many_registers ? 8 : 4;
-  /// Q.K by dims (few rows): dims_rows rows x dims_keys keys.
+  /// Q.K by dims (few rows): dims_rows rows x dims_keys keys. With 16 registers, one key
+  /// at a time: the tile then reads each K row whole and in order, which the hardware
+  /// prefetchers follow; two rows read side by side (every line of one, then of the other,
+  /// 512 bytes apart) streamed K from DRAM at 7.6 GB/s against 11.4-11.9 on Zen 3 (AVX2,
+  /// one core, where a plain sum reads 12-13; scratch probe, medians of 5).
   static constexpr int dims_rows = 4;
-  static constexpr int dims_keys = many_registers ? 4 : 2;
+  static constexpr int dims_keys = many_registers ? 4 : 1;
   /// P.V by rows (many rows): the Q.K tile's shape, up to pv_row_vecs row vectors x
   /// pv_dims dimensions (2 x 8: 16 accumulators). Measured on AVX-512 with 32 rows and
   /// 64 keys in L1: 207 GFLOP/s against 202 for 4 rows x 4 vectors of head_dim, and with
@@ -182,9 +186,14 @@ struct Tiling {
   static constexpr int pv_dims = many_registers ? 8 : 4;
   /// P.V for few rows (decode): pv_rows_few rows x whole V rows of up to pv_chunks_few
   /// vectors, so each pass streams V sequentially, which the hardware prefetcher follows
-  /// better than every other half row.
+  /// better than every other half row. pv_whole_rows_few: a row longer than the register
+  /// tile is still read whole in one pass, the chunks past the tile accumulating in L1
+  /// (load, fma, store). With 16 registers a 128-float row needs that: four passes of a
+  /// quarter row each read V from DRAM at 7.1-7.4 GB/s, one pass with half the row in
+  /// registers at 10.3-11.6 (Zen 3, AVX2, one core, plain sum 12-13; scratch probe).
   static constexpr int pv_rows_few = many_registers ? 2 : 1;
-  static constexpr int pv_chunks_few = many_registers ? 8 : 4;
+  static constexpr int pv_chunks_few = 8;
+  static constexpr bool pv_whole_rows_few = !many_registers;
   static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0 && key_block_few % dims_keys == 0,
                 "whole tiles per full key block");
   static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
@@ -334,9 +343,11 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
 /// P.V: out[r][chunk c0..c0+Chunks) += sum_j p(j, r) * v_j[...], for Rows rows.
 /// SkipZero (blocks with masked keys): a masked key has weight exactly 0; skipping it
 /// keeps a NaN or inf in a value the row cannot see out of that row (0 * NaN is NaN).
+/// memory_chunks: chunks after those, accumulated straight in `out` within the same pass
+/// (Rows must be 1), so the pass reads each V row whole (see Tiling::pv_whole_rows_few).
 template <class Isa, int Rows, int Chunks, bool SkipZero>
 inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
-                    int first_chunk, float* out, int dim_padded, PrefetchRows ahead) {
+                    int first_chunk, float* out, int dim_padded, PrefetchRows ahead, int memory_chunks = 0) {
   using V = typename Isa::vec;
   V acc[Rows][Chunks];
   float* const out_first = out + first_chunk * Isa::width;
@@ -348,13 +359,17 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
     V value[Chunks];
     for (int c = 0; c < Chunks; ++c) {
       value[c] = Isa::load(v_first + j * v_stride + c * Isa::width);
-      Isa::hold(value[c]);
+      if constexpr (Rows > 1) Isa::hold(value[c]);  // one row: each load feeds one FMA, fold it in
     }
     for (int r = 0; r < Rows; ++r) {
       const float w = p[std::ptrdiff_t(j) * strides.key + std::ptrdiff_t(r) * strides.row];
       if (SkipZero && w == 0.f) continue;
       const V weight = Isa::broadcast(w);
       for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
+      for (int c = Chunks; c < Chunks + memory_chunks; ++c) {
+        float* const o = out_first + c * Isa::width;
+        Isa::store(o, Isa::fma(weight, Isa::load(v_first + j * v_stride + c * Isa::width), Isa::load(o)));
+      }
     }
   }
   for (int r = 0; r < Rows; ++r)
@@ -381,6 +396,15 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
                      float* acc, int dim_padded, PrefetchRows ahead = {}) {
   constexpr int max_rows = MaxRows, max_chunks = MaxChunks;
   const int chunks = dim_padded / Isa::width;
+  if constexpr (Tiling<Isa>::pv_whole_rows_few && max_rows == 1) {
+    if (chunks > max_chunks) {
+      for (int r = 0; r < rows; ++r)
+        pv_tile<Isa, 1, max_chunks, SkipZero>(p + std::ptrdiff_t(r) * strides.row, strides, v, v_stride, keys, 0,
+                                              acc + std::ptrdiff_t(r) * dim_padded, dim_padded,
+                                              r == 0 ? ahead : PrefetchRows{}, chunks - max_chunks);
+      return;
+    }
+  }
   for (int r = 0; r < rows; r += max_rows)
     for (int c = 0; c < chunks; c += max_chunks)
       with_tile_size<max_rows>(rows - r, [&](auto tile_rows) {
