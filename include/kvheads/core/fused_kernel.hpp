@@ -194,6 +194,10 @@ struct Tiling {
   static constexpr int pv_rows_few = many_registers ? 2 : 1;
   static constexpr int pv_chunks_few = 8;
   static constexpr bool pv_whole_rows_few = !many_registers;
+  /// Keys per tile when several rows share those whole-row passes (GQA-8 decode of 16384
+  /// keys on Zen 3, 1 thread, scratch driver, six alternating pairs: 1-12% faster than
+  /// one pass per row over the whole block, 12.2-15.7 against 12.8-17.9 ms).
+  static constexpr int pv_key_tile_few = 32;
   static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0 && key_block_few % dims_keys == 0,
                 "whole tiles per full key block");
   static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
@@ -398,10 +402,24 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
   const int chunks = dim_padded / Isa::width;
   if constexpr (Tiling<Isa>::pv_whole_rows_few && max_rows == 1) {
     if (chunks > max_chunks) {
-      for (int r = 0; r < rows; ++r)
-        pv_tile<Isa, 1, max_chunks, SkipZero>(p + std::ptrdiff_t(r) * strides.row, strides, v, v_stride, keys, 0,
-                                              acc + std::ptrdiff_t(r) * dim_padded, dim_padded,
-                                              r == 0 ? ahead : PrefetchRows{}, chunks - max_chunks);
+      // Several rows walk the block in tiles of pv_key_tile_few keys, each row in turn, so
+      // the first row reads a tile from memory and the others from L1, and the DRAM
+      // stream runs through the whole P.V rather than during one row's pass of four.
+      const int key_tile = rows > 1 ? Tiling<Isa>::pv_key_tile_few : keys;
+      for (int first_key = 0; first_key < keys; first_key += key_tile) {
+        const int tile_keys = std::min(key_tile, keys - first_key);
+        PrefetchRows tile_ahead{};
+        if (ahead.keys > first_key) {
+          tile_ahead = ahead;
+          tile_ahead.first += first_key * ahead.stride;
+          tile_ahead.keys = ahead.keys - first_key;
+        }
+        for (int r = 0; r < rows; ++r)
+          pv_tile<Isa, 1, max_chunks, SkipZero>(
+              p + std::ptrdiff_t(r) * strides.row + std::ptrdiff_t(first_key) * strides.key, strides,
+              v + first_key * v_stride, v_stride, tile_keys, 0, acc + std::ptrdiff_t(r) * dim_padded, dim_padded,
+              r == 0 ? tile_ahead : PrefetchRows{}, chunks - max_chunks);
+      }
       return;
     }
   }
