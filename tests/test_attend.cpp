@@ -101,6 +101,27 @@ TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile 
         }
 }
 
+TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows longer than the register tile",
+                        "[attend][isa]", kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  // Few-row (decode) tasks whose head_dim rows exceed the P.V register tile (on 16-register
+  // ISAs the rest of the row accumulates in L1, in 32-key tiles when several rows share
+  // them), over several 256-key blocks with the next block requested ahead, and tails of
+  // both: 1000 keys = 3 x 256 + 7 x 32 + 8. One row (MHA), two and four rows (GQA), and
+  // q_len 2 for rows of two positions.
+  for (int threads : {1, 2})
+    for (int head_dim : {72, 128, 131})
+      for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{8, 2, head_dim}})
+        for (int q_len : {1, 2}) {
+          const Problem p(layout, q_len, 1000, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
+          for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
+            options.threads = threads;
+            check_against_reference<Isa>(p, options);
+          }
+        }
+}
+
 TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges exactly", "[attend][isa][threads]",
                         kvheads::simd::enabled_isas) {
   using Isa = TestType;
