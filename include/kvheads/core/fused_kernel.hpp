@@ -171,13 +171,16 @@ struct Tiling {
   /// Q.K by rows: up to qk_row_vecs row vectors x qk_keys keys (2 x 8: 16 accumulators).
   static constexpr int qk_row_vecs = 2;
   static constexpr int qk_keys = many_registers ? 8 : 4;
-  /// Q.K by dims (few rows): dims_rows rows x dims_keys keys. With 16 registers, one key
-  /// at a time: the tile then reads each K row whole and in order, which the hardware
-  /// prefetchers follow; two rows read side by side (every line of one, then of the other,
-  /// 512 bytes apart) streamed K from DRAM at 7.6 GB/s against 11.4-11.9 on Zen 3 (AVX2,
-  /// one core, where a plain sum reads 12-13; scratch probe, medians of 5).
+  /// Q.K by dims (few rows): dims_rows rows x dims_keys keys. One key at a time: the tile
+  /// then reads each K row whole and in order, which the hardware prefetchers follow
+  /// best. Keys read side by side (every line of each row in turn, 512 bytes apart)
+  /// streamed K from DRAM at 7.6 GB/s against 11.4-11.9 on Zen 3 (AVX2, one core, where a
+  /// plain sum reads 12-13; scratch probe, medians of 5), and on Zen 5 (AVX-512) four keys
+  /// side by side took decode of 16384 keys 7-13% longer than one (scratch driver,
+  /// alternating builds, medians of 8: GQA-8 7.70 / 3.74 ms against 7.16 / 3.26 on 1 / 2
+  /// threads, MHA 25.0 / 13.45 against 23.25 / 12.05).
   static constexpr int dims_rows = 4;
-  static constexpr int dims_keys = many_registers ? 4 : 1;
+  static constexpr int dims_keys = 1;
   /// P.V by rows (many rows): the Q.K tile's shape, up to pv_row_vecs row vectors x
   /// pv_dims dimensions (2 x 8: 16 accumulators). Measured on AVX-512 with 32 rows and
   /// 64 keys in L1: 207 GFLOP/s against 202 for 4 rows x 4 vectors of head_dim, and with
