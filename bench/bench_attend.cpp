@@ -5,7 +5,9 @@
 //   causal prefill (q_len = kv_len) on plain memory at 512 and 2048: compute-bound;
 //   each on 1 and 2 threads, each with "/kvheads" and "/eigen" runs on the same inputs;
 //   decode with the K/V out of cache ("/layers:N"): one cache per layer of a model,
-//   attended in turn, so each call finds its K/V evicted by the other layers' (kvheads only).
+//   attended in turn, so each call finds its K/V evicted by the other layers' (kvheads only);
+//   decode with the K/V in cache ("/in_cache"): a cache of kInCacheBytes, small enough to
+//   stay in L3, so its time per key is the kernel's without the DRAM stream (kvheads only).
 //
 // Before the benchmarks run, the machine's read bandwidth (per K/V working-set size) and
 // fp32 FMA peak are measured and printed; every run reports GBps, GFLOPs, roofline_ratio
@@ -62,6 +64,12 @@ constexpr int kThreadCounts[] = {1, 2};
 // many bytes in all, several times any last-level cache of our machines.
 constexpr std::size_t kColdWorkingSet = std::size_t(256) << 20;
 
+// Where decode time goes: the same decode with a cache this small (8 MiB: 256 keys for
+// MHA, 1024 for GQA-8, 8192 for MQA) stays in L3 between calls, so its time per key is
+// the arithmetic and cache traffic alone; set against the time to stream the large case's
+// K/V at the measured bandwidth, it shows whether the two overlap.
+constexpr std::size_t kInCacheBytes = std::size_t(8) << 20;
+
 // The targets of the "Fast kernels" issue (bench/README.md).
 constexpr double kDecodeRooflineTarget = 1.25;  // decode 16384: time <= 1.25 x roofline
 constexpr double kPrefillPeakTarget = 0.60;     // prefill 2048 GQA-8, 1 thread: >= 60% of FMA peak
@@ -78,6 +86,7 @@ struct Case {
   int len = 0;  // kv_len (decode) or q_len = kv_len (prefill)
   int threads = 1;
   int layers = 1;  // decode: caches attended in turn, one per call (> 1: K/V out of cache)
+  bool in_cache = false;  // decode: a kInCacheBytes cache, for the time breakdown only
 
   kvheads::HeadLayout layout() const { return kvheads::make_layout(kQHeads, kv_heads, kHeadDim); }
   int q_len() const { return kind == Kind::decode ? 1 : len; }
@@ -93,9 +102,11 @@ struct Case {
   std::string name() const {
     return std::string(kind == Kind::decode ? "decode/kv_len:" : "prefill/len:") + std::to_string(len) + "/" +
            layout_name(kv_heads) + (layers > 1 ? "/layers:" + std::to_string(layers) : "") +
-           "/threads:" + std::to_string(threads);
+           (in_cache ? "/in_cache" : "") + "/threads:" + std::to_string(threads);
   }
   bool cold() const { return layers > 1; }
+  /// Not one of the issue's standard cases: no Eigen run, no target.
+  bool diagnostic() const { return cold() || in_cache; }
   /// Cases that share inputs (all but the thread count).
   std::string data_key() const { return name().substr(0, name().rfind("/threads:")); }
 
@@ -135,6 +146,13 @@ std::vector<Case> all_cases() {
         c.threads = threads;
         cases.push_back(c);
       }
+    }
+  for (int kv_heads : kKvHeads)
+    for (int threads : kThreadCounts) {
+      Case c{Kind::decode, kv_heads, 1, threads};
+      c.len = int(kInCacheBytes / std::size_t(c.kv_bytes()));
+      c.in_cache = true;
+      cases.push_back(c);
     }
   return cases;
 }
@@ -340,7 +358,7 @@ void bench_eigen(benchmark::State& state, Case c) {
 
 void register_benchmarks(const std::vector<Case>& cases) {
   for (const Case& c : cases) {
-    if (!c.cold())
+    if (!c.diagnostic())
       benchmark::RegisterBenchmark((c.name() + "/eigen").c_str(), bench_eigen, c)
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond);
@@ -432,7 +450,7 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
   std::fprintf(out, "\nTargets (issue \"Fast kernels\", item 5):\n");
   // Decode at 16384 within 1.25x of the roofline.
   for (const Case& c : cases) {
-    if (c.kind != Kind::decode || c.len != 16384 || c.cold()) continue;
+    if (c.kind != Kind::decode || c.len != 16384 || c.diagnostic()) continue;
     const Result* mine = find_result(c.name() + "/kvheads");
     if (!mine) continue;
     const double wall = roofline_ratio(mine->timing, c.work());
@@ -525,6 +543,32 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
                  c.name().c_str(), cold->timing.mean * 1e3, cold->timing.mean / bound,
                  memory_bound ? "memory" : "compute", cpu_roofline_ratio(cold->timing, c.work()),
                  warm ? (format(cold->timing.mean / warm->timing.mean, 2) + "x").c_str() : "-");
+  }
+
+  // Not a target: where decode time goes at 16384 keys. Perfect overlap of the K/V
+  // stream with the arithmetic would take max(in cache, stream); taking turns, their sum.
+  header = false;
+  for (const Case& c : cases) {
+    if (!c.in_cache) continue;
+    Case large = c;
+    large.in_cache = false;
+    large.len = 16384;
+    const Result* small = find_result(c.name() + "/kvheads");
+    const Result* measured = find_result(large.name() + "/kvheads");
+    if (!small || !measured) continue;
+    if (!header)
+      std::fprintf(out,
+                   "\nWhere decode time goes at kv_len 16384 (not a target): \"in cache\" = the /in_cache case's "
+                   "time per key x 16384, \"stream\" = K/V bytes / read bandwidth; measured against their sum "
+                   "(1.0: the two take turns) and their max (1.0: they fully overlap):\n");
+    header = true;
+    const double in_cache = small->timing.mean * double(large.len) / double(c.len);
+    const Work work = large.work();
+    const double stream = work.bytes / (limits.read_gbps(work.working_set, large.threads) * 1e9);
+    const double t = measured->timing.mean;
+    std::fprintf(out, "  %-36s measured %7.3f ms, in cache %7.3f, stream %7.3f; / sum %.2f, / max %.2f\n",
+                 large.name().c_str(), t * 1e3, in_cache * 1e3, stream * 1e3, t / (in_cache + stream),
+                 t / std::max(in_cache, stream));
   }
   std::fflush(out);
 }

@@ -578,8 +578,9 @@ class FusedTask {
 
       // The hardware prefetcher does not keep up with these strided row walks: tasks
       // request the next block's rows themselves, a key's rows per key processed, so
-      // requests spread over the whole block. Few-row tasks fetch K during Q.K and V
-      // during P.V (GQA-8 decode of 16384 keys, 1 thread: -9% time, MHA -4 to -6%, medians
+      // requests spread over the whole block. Few-row tasks that still request (see
+      // request_ahead below) fetch K during Q.K and V during P.V (when Q.K still read keys
+      // side by side, GQA-8 decode of 16384 keys, 1 thread: -9% time, MHA -4 to -6%, medians
       // of 7-9 alternating runs; prefetching a whole block at once gained nothing). Many-row
       // tasks fetch the next block's K during P.V (fetching the next block's K and V
       // during Q.K evicted the block in use from L1: per-key cycles of MQA decode at 16384
@@ -598,13 +599,18 @@ class FusedTask {
       // at once during Q.K (MQA decode of 16384 keys, medians of 9-15 alternating runs
       // pinned to one core: 1.458 -> 1.418 ms on 1 thread, 0.757 -> 0.737 on 2, and
       // 1.855 -> 1.715 at a busier moment; causal prefill unchanged).
-      // One-row tasks on 16-register ISAs (MHA decode on AVX2) request nothing: their
-      // whole-row passes are what the hardware prefetchers follow best, and a block
-      // ahead is 128 KiB per plane, four of which fill Zen 3's 512 KiB L2 (MHA decode of
-      // 16384 keys, 1 thread, scratch driver, six alternating pairs: medians 47-59 ms
-      // with the requests, 38-48 without; two-row tasks, GQA-16, were 8-16% slower
-      // without them).
-      const bool request_ahead = Tiling<Isa>::many_registers || !by_dims || rows > 1;
+      // Few-row (decode) tasks, which now read each K and V row whole and in order (see
+      // Tiling::dims_keys), request nothing ahead, but for several-row tasks on 16-register
+      // ISAs: those whole-row passes are what the hardware prefetchers follow best, and
+      // each software request holds one of the core's few L1 miss buffers while it waits
+      // on DRAM. On Zen 5 (AVX-512), scratch driver, alternating builds, medians of 5-8:
+      // decode of 16384 keys GQA-8 6.96 -> 5.28 ms on 1 thread, 3.30 -> 3.16 on 2, MHA
+      // 22.9 -> 20.1 and 11.5 -> 10.3; with the K/V out of cache (/layers) GQA-8 7.77 ->
+      // 5.41, MHA at 4096 keys 6.10 -> 3.45. On Zen 3 (AVX2) one-row tasks gained the same
+      // way (MHA 16384, 1 thread: 47-59 ms with the requests, 38-48 without; a block
+      // ahead is 128 KiB per plane, four of which fill its 512 KiB L2), but two-row tasks
+      // (GQA-16) were 8-16% slower without them, so those keep them there.
+      const bool request_ahead = !by_dims || (!Tiling<Isa>::many_registers && rows > 1);
       PrefetchRows during_qk, during_pv;
       if (k_rows != k_stage && request_ahead) {
         const int next_keys = int(std::clamp<std::ptrdiff_t>(stored_end - (block + key_block), 0, key_block));
