@@ -247,9 +247,14 @@ inline void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k
                        int row_stride, float* logits) {
   using V = typename Isa::vec;
   constexpr int width = Isa::width, sums = Rows * Keys;
-  V acc[Rows * Keys];  // acc[r * Keys + j]
+  // Few sums: two accumulator chains each (even and odd vectors of head_dim), so a key's
+  // dot products are not one FMA latency per vector long.
+  constexpr int chains = sums < 8 ? 2 : 1;
+  V acc[Rows * Keys], odd[chains > 1 ? Rows * Keys : 1];  // acc[r * Keys + j]
   for (int i = 0; i < sums; ++i) acc[i] = Isa::zero();
-  for (int d = 0; d < dim_padded.get(); d += width) {
+  if constexpr (chains > 1)
+    for (int i = 0; i < sums; ++i) odd[i] = Isa::zero();
+  const auto step = [&](int d, V* into) {
     V key[Keys];
     for (int j = 0; j < Keys; ++j) {
       key[j] = Isa::load(k + j * k_stride + d);
@@ -258,9 +263,19 @@ inline void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k
     for (int r = 0; r < Rows; ++r) {
       V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + d);
       Isa::hold(q);
-      for (int j = 0; j < Keys; ++j) acc[r * Keys + j] = Isa::fma(q, key[j], acc[r * Keys + j]);
+      for (int j = 0; j < Keys; ++j) into[r * Keys + j] = Isa::fma(q, key[j], into[r * Keys + j]);
+    }
+  };
+  int d = 0;
+  if constexpr (chains > 1) {
+    for (; d + 2 * width <= dim_padded.get(); d += 2 * width) {
+      step(d, acc);
+      step(d + width, odd);
     }
   }
+  for (; d < dim_padded.get(); d += width) step(d, acc);
+  if constexpr (chains > 1)
+    for (int i = 0; i < sums; ++i) acc[i] = Isa::add(acc[i], odd[i]);
   if constexpr (2 * sums >= width && width > 1) {
     constexpr int groups = (sums + width - 1) / width;
     V padded[groups * width];
