@@ -87,6 +87,7 @@ struct Case {
   int threads = 1;
   int layers = 1;  // decode: caches attended in turn, one per call (> 1: K/V out of cache)
   bool in_cache = false;  // decode: a kInCacheBytes cache, for the time breakdown only
+  bool plain = false;     // decode: plain [tokens][kv_heads][head_dim] memory, not a KvCache
 
   kvheads::HeadLayout layout() const { return kvheads::make_layout(kQHeads, kv_heads, kHeadDim); }
   int q_len() const { return kind == Kind::decode ? 1 : len; }
@@ -102,11 +103,11 @@ struct Case {
   std::string name() const {
     return std::string(kind == Kind::decode ? "decode/kv_len:" : "prefill/len:") + std::to_string(len) + "/" +
            layout_name(kv_heads) + (layers > 1 ? "/layers:" + std::to_string(layers) : "") +
-           (in_cache ? "/in_cache" : "") + "/threads:" + std::to_string(threads);
+           (in_cache ? "/in_cache" : "") + (plain ? "/plain" : "") + "/threads:" + std::to_string(threads);
   }
   bool cold() const { return layers > 1; }
   /// Not one of the standard cases: no Eigen run, no target.
-  bool diagnostic() const { return cold() || in_cache; }
+  bool diagnostic() const { return cold() || in_cache || plain; }
   /// Cases that share inputs (all but the thread count).
   std::string data_key() const { return name().substr(0, name().rfind("/threads:")); }
 
@@ -154,12 +155,21 @@ std::vector<Case> all_cases() {
       c.in_cache = true;
       cases.push_back(c);
     }
+  // Decode of 16384 keys from plain memory, where the KV heads interleave (MQA's one head
+  // is contiguous either way).
+  for (int kv_heads : kKvHeads)
+    for (int threads : kThreadCounts) {
+      if (kv_heads == 1) continue;
+      Case c{Kind::decode, kv_heads, 16384, threads};
+      c.plain = true;
+      cases.push_back(c);
+    }
   return cases;
 }
 
 // ---------------------------------------------------------------------------------------
 // Inputs: random Q and K/V (in a KvCache for decode, plain [tokens][kv_heads][head_dim]
-// for prefill). Only one case's inputs live at a time (the largest cache is 512 MiB);
+// for prefill and /plain decode). Only one case's inputs live at a time (the largest cache is 512 MiB);
 // cases that share them run back to back.
 
 /// Where K and V of one call live: element (token j, kv head h, i) at
@@ -225,7 +235,7 @@ Inputs& inputs_for(const Case& c) {
   current.out.assign(q_floats, 0.f);
   current.baseline_out.assign(q_floats, 0.f);
   const std::size_t kv_floats = std::size_t(c.kv_len()) * std::size_t(layout.kv_width());
-  if (c.kind == Kind::decode) {
+  if (c.kind == Kind::decode && !c.plain) {
     for (int layer = 0; layer < c.layers; ++layer) current.caches.push_back(random_cache(layout, c.kv_len(), layer));
   } else {
     current.k.resize(kv_floats);
@@ -250,7 +260,7 @@ kvheads::AttentionOptions options_for(const Case& c) {
 
 void run_kvheads(const Case& c, Inputs& in) {
   const kvheads::AttentionOptions options = options_for(c);
-  if (c.kind == Kind::decode)
+  if (c.kind == Kind::decode && !c.plain)
     kvheads::attend(in.q.data(), c.q_len(), in.next_cache(), in.out.data(), options);
   else
     kvheads::attend(in.q.data(), in.k.data(), in.v.data(), in.out.data(), c.q_len(), c.kv_len(), c.layout(), options);
@@ -569,6 +579,23 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
     std::fprintf(out, "  %-36s measured %7.3f ms, in cache %7.3f, stream %7.3f; / sum %.2f, / max %.2f\n",
                  large.name().c_str(), t * 1e3, in_cache * 1e3, stream * 1e3, t / (in_cache + stream),
                  t / std::max(in_cache, stream));
+  }
+
+  // Not a target: the same decode from plain memory, whose KV heads interleave.
+  header = false;
+  for (const Case& c : cases) {
+    if (!c.plain) continue;
+    Case cached = c;
+    cached.plain = false;
+    const Result* plain = find_result(c.name() + "/kvheads");
+    const Result* cache = find_result(cached.name() + "/kvheads");
+    if (!plain || !cache) continue;
+    if (!header)
+      std::fprintf(out, "\nDecode from plain memory ([tokens][kv_heads][head_dim], not a target) against a KvCache:\n");
+    header = true;
+    std::fprintf(out, "  %-44s %7.3f ms, roofline %.2f; %.2fx the KvCache's time\n", c.name().c_str(),
+                 plain->timing.mean * 1e3, roofline_ratio(plain->timing, c.work()),
+                 plain->timing.mean / cache->timing.mean);
   }
   std::fflush(out);
 }

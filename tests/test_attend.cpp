@@ -137,6 +137,31 @@ TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges ex
     }
 }
 
+TEMPLATE_LIST_TEST_CASE("every ISA's plain-memory decode, read in key chunks head by head, matches the reference",
+                        "[attend][isa][threads]", kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  // Plain-memory decode with several KV heads splits the keys into 256-key chunks, runs
+  // every head of a chunk in turn and merges the chunks. Lengths below, at and around two
+  // chunks, a tail, many chunks; a window that leaves most chunks without a visible key;
+  // sinks, which join after the merge; q_len 4 (16 rows of GQA-4 per task).
+  std::vector<float> sinks(32);
+  for (std::size_t h = 0; h < sinks.size(); ++h) sinks[h] = 0.25f * float(h % 5) - 0.5f;
+  std::vector<AttentionOptions> options_list = {AttentionOptions{}, option_sets()[2], option_sets().back()};
+  options_list.push_back(AttentionOptions{});
+  options_list.back().sinks = sinks.data();
+  options_list.back().causal = true;
+  for (int threads : {1, 2})
+    for (const HeadLayout& layout : {HeadLayout{4, 4, 64}, HeadLayout{32, 8, 128}, HeadLayout{8, 2, 33}})
+      for (auto [q_len, kv_len] : std::vector<std::pair<int, int>>{{1, 511}, {1, 512}, {1, 513}, {2, 1000}, {4, 1000}, {1, 4097}}) {
+        const Problem p(layout, q_len, kv_len, std::uint32_t(kv_len * 3 + layout.kv_heads + q_len));
+        for (AttentionOptions options : options_list) {
+          options.threads = threads;
+          check_against_reference<Isa>(p, options);
+        }
+      }
+}
+
 TEST_CASE("plain-memory prefill (K/V copied head-major) equals the cache path bit for bit", "[attend]") {
   // Plain K/V interleave the KV heads; a prefill copies each head's keys into contiguous
   // scratch first. A KvCache is head-major already, so the two paths must agree exactly,
