@@ -15,6 +15,7 @@
 //  - Logits must be finite in fp32 (|q.k * scale| < 3.4e38); larger overflow to inf.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -263,6 +264,42 @@ TEST_CASE("NaN in a visible key or value makes exactly the rows of its KV head g
                            in_value ? "NaN v" : "NaN k");
           }
         }
+  });
+}
+
+TEST_CASE("NaN in a visible value whose weight underflows to 0 in fp32 still makes its rows NaN",
+          "[edge][nan][mask]") {
+  // exp(-200) is 0 in fp32 but not in the double-precision reference, whose tiny weight
+  // times NaN is NaN. P.V leaves out masked keys only, not every zero weight: the far key
+  // sits in a block with masked keys (causal edge or window start) and in unmasked ones.
+  // Decode (few-row tiles) and prefill (many-row tiles); MHA, GQA and MQA.
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (const HeadLayout& layout : {HeadLayout{4, 4, 8}, HeadLayout{8, 2, 8}, HeadLayout{8, 1, 8}})
+      for (const auto& lengths : {std::pair{1, 100}, std::pair{40, 40}, std::pair{3, 300}}) {
+        const int q_len = lengths.first, kv_len = lengths.second;
+        Problem p(layout, q_len, kv_len, 5);
+        // One-hot queries and keys on dim 0: logit 0 for every key but the far one (-200).
+        std::fill(p.q.begin(), p.q.end(), 0.f);
+        std::fill(p.k.begin(), p.k.end(), 0.f);
+        for (int i = 0; i < q_len; ++i)
+          for (int h = 0; h < layout.q_heads; ++h) at(p.q, layout, layout.q_heads, i, h, 0) = 1.f;
+        const int far_j = kv_len == 40 ? 5 : kv_len - 10;
+        for (int g = 0; g < layout.kv_heads; ++g) {
+          at(p.k, layout, layout.kv_heads, far_j, g, 0) = -200.f;
+          at(p.v, layout, layout.kv_heads, far_j, g, 0) = kNaN;
+        }
+        for (int variant = 0; variant < 4; ++variant) {
+          AttentionOptions options;
+          options.scale = 1.f;
+          options.causal = variant % 2 == 1;
+          options.window = variant >= 2 ? 20 : 0;
+          check_paths<Isa>(p, options);
+          options.threads = 1;
+          check_nan_rows(run_plain<Isa>(p, options).out, layout, q_len,
+                         [&](int i, int) { return sees(options, q_len, kv_len, i, far_j); }, "underflowed NaN v");
+        }
+      }
   });
 }
 

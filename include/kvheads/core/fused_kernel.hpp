@@ -318,17 +318,17 @@ struct LogitStrides {
 /// dimensions. `p` is the block's probabilities, key-major ([key][rows_padded]), and
 /// the accumulators are transposed ([dim_padded][rows_padded]); each V element is
 /// broadcast once and feeds RowVecs FMAs, as each K element does in Q.K.
-/// SkipZero (blocks with masked keys): a masked key has weight exactly 0; such lanes keep
-/// their accumulator, so a NaN or inf in a value a row cannot see stays out of that row
-/// (0 * inf is NaN). A NaN weight is left out the same way; its row's sum is NaN, so the
-/// row still comes out NaN.
+/// SkipMasked (blocks with masked keys): a masked key's weight is marked negative (see
+/// mark_masked_keys); such lanes keep their accumulator, so a NaN or inf in a value a row
+/// cannot see stays out of that row (0 * inf is NaN). A visible key's weight, even one
+/// that underflowed to 0, is added like any other, as in the reference.
 /// prefetch_rows: when given, the pass also prefetches prefetch_rows + j * v_stride for
 /// every key j it walks (the next cache line of each V row, see the caller).
 /// spread: lines [spread_first, spread_first + spread_count) of other rows (the next
 /// block's K), requested one at a time and evenly over the keys rather than all at once
 /// before the pass: a burst of requests fills the core's miss buffers and stalls the
 /// loads the pass itself waits for.
-template <class Isa, int RowVecs, int Dims, bool SkipZero>
+template <class Isa, int RowVecs, int Dims, bool SkipMasked>
 KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
                        float* acc_t, const float* prefetch_rows = nullptr, PrefetchRows spread = {}, int spread_first = 0,
                        int spread_count = 0) {
@@ -354,7 +354,7 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
       const V value = Isa::broadcast(v[j * v_stride + d]);
       for (int r = 0; r < RowVecs; ++r) {
         const V sum = Isa::fma(weight[r], value, acc[d][r]);
-        acc[d][r] = SkipZero ? Isa::select_less(Isa::zero(), weight[r], sum, acc[d][r]) : sum;
+        acc[d][r] = SkipMasked ? Isa::select_less(weight[r], Isa::zero(), acc[d][r], sum) : sum;
       }
     }
   }
@@ -363,12 +363,14 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
 }
 
 /// P.V: out[r][chunk c0..c0+Chunks) += sum_j p(j, r) * v_j[...], for Rows rows.
-/// SkipZero (blocks with masked keys): a masked key has weight exactly 0; skipping it
-/// keeps a NaN or inf in a value the row cannot see out of that row (0 * NaN is NaN).
+/// SkipMasked (blocks with masked keys): a masked key's weight is marked negative (see
+/// mark_masked_keys); skipping it keeps a NaN or inf in a value the row cannot see out of
+/// that row (0 * NaN is NaN), while a visible key whose weight underflowed to 0 still
+/// counts (its 0 * NaN is NaN, as in the reference).
 /// memory_chunks: chunks after those, accumulated straight in `out` within the same pass
 /// (Rows must be 1), so the pass reads each V row whole (see Tiling::pv_whole_rows_few).
 /// Strides may be negative: a pass may walk the keys backwards (see pv_block).
-template <class Isa, int Rows, int Chunks, bool SkipZero>
+template <class Isa, int Rows, int Chunks, bool SkipMasked>
 inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
                     int first_chunk, float* out, int dim_padded, PrefetchRows ahead, int memory_chunks = 0) {
   using V = typename Isa::vec;
@@ -386,7 +388,7 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
     }
     for (int r = 0; r < Rows; ++r) {
       const float w = p[std::ptrdiff_t(j) * strides.key + std::ptrdiff_t(r) * strides.row];
-      if (SkipZero && w == 0.f) continue;
+      if (SkipMasked && w < 0.f) continue;
       const V weight = Isa::broadcast(w);
       for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
       for (int c = Chunks; c < Chunks + memory_chunks; ++c) {
@@ -414,7 +416,7 @@ inline void with_tile_size(int n, F&& f) {
 
 /// P.V of rows [0, rows) over all chunks of head_dim, in register tiles of up to
 /// MaxRows x MaxChunks; the first tile's pass over the keys issues the `ahead` prefetches.
-template <class Isa, int MaxRows, int MaxChunks, bool SkipZero>
+template <class Isa, int MaxRows, int MaxChunks, bool SkipMasked>
 inline void pv_block(int rows, const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
                      float* acc, int dim_padded, PrefetchRows ahead = {}) {
   constexpr int max_rows = MaxRows, max_chunks = MaxChunks;
@@ -434,7 +436,7 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
           tile_ahead.keys = ahead.keys - first_key;
         }
         for (int r = 0; r < rows; ++r)
-          pv_tile<Isa, 1, max_chunks, SkipZero>(
+          pv_tile<Isa, 1, max_chunks, SkipMasked>(
               p + std::ptrdiff_t(r) * strides.row + std::ptrdiff_t(first_key) * strides.key, strides,
               v + first_key * v_stride, v_stride, tile_keys, 0, acc + std::ptrdiff_t(r) * dim_padded, dim_padded,
               r == 0 ? tile_ahead : PrefetchRows{}, chunks - max_chunks);
@@ -459,11 +461,11 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
           float* row_acc = acc + std::ptrdiff_t(r) * dim_padded;
           if ((r / max_rows) % 2 == 1 && keys > 1) {
             const std::ptrdiff_t last = keys - 1;
-            pv_tile<Isa, tile_rows.value, tile_chunks.value, SkipZero>(
+            pv_tile<Isa, tile_rows.value, tile_chunks.value, SkipMasked>(
                 row_p + last * strides.key, LogitStrides{-strides.key, strides.row}, v + last * v_stride, -v_stride,
                 keys, c, row_acc, dim_padded, PrefetchRows{});
           } else {
-            pv_tile<Isa, tile_rows.value, tile_chunks.value, SkipZero>(row_p, strides, v, v_stride, keys, c, row_acc,
+            pv_tile<Isa, tile_rows.value, tile_chunks.value, SkipMasked>(row_p, strides, v, v_stride, keys, c, row_acc,
                                                                          dim_padded,
                                                                          r == 0 && c == 0 ? ahead : PrefetchRows{});
           }
@@ -725,6 +727,9 @@ class FusedTask {
         transform_logits(logits, keys, rows_padded, block_needs_mask, row_first, row_last, row_slope, row_bias);
         update_softmax(logits, keys, rows_padded, row_max, row_sum, row_scale);
       }
+      if (block_needs_mask)
+        mark_masked_keys(logits, by_dims ? LogitStrides{1, key_block} : LogitStrides{rows_padded, 1}, keys, rows,
+                         row_first, row_last);
 
       // Rescale what earlier blocks accumulated, then add this block's P.V.
       if (by_dims) {
@@ -809,6 +814,21 @@ class FusedTask {
   }
 
   static int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+  /// Marks the probabilities of keys a row cannot see -1, after the softmax has summed
+  /// them as 0, so P.V can leave out exactly those (SkipMasked) and still add visible keys
+  /// whose probability underflowed to 0: a NaN in such a key's value makes the row NaN, as
+  /// in the reference, where the weight is tiny but not 0.
+  static void mark_masked_keys(float* p, LogitStrides strides, int keys, int rows, const float* row_first,
+                               const float* row_last) {
+    for (int r = 0; r < rows; ++r) {
+      float* row = p + std::ptrdiff_t(r) * strides.row;
+      const int first = std::min(keys, int(row_first[r]));
+      const int after_last = std::max(first, int(row_last[r]) + 1);
+      for (int j = 0; j < first; ++j) row[std::ptrdiff_t(j) * strides.key] = -1.f;
+      for (int j = after_last; j < keys; ++j) row[std::ptrdiff_t(j) * strides.key] = -1.f;
+    }
+  }
 
   /// K/V rows go through the widening stage unless they are fp32 in whole vectors.
   bool needs_staging() const {
