@@ -171,16 +171,32 @@ struct Tiling {
   /// Q.K by rows: up to qk_row_vecs row vectors x qk_keys keys (2 x 8: 16 accumulators).
   static constexpr int qk_row_vecs = 2;
   static constexpr int qk_keys = many_registers ? 8 : 4;
-  /// Q.K by dims (few rows): dims_rows rows x dims_keys keys. One key at a time: the tile
-  /// then reads each K row whole and in order, which the hardware prefetchers follow
-  /// best. Keys read side by side (every line of each row in turn, 512 bytes apart)
-  /// streamed K from DRAM at 7.6 GB/s against 11.4-11.9 on Zen 3 (AVX2, one core, where a
-  /// plain sum reads 12-13; scratch probe, medians of 5), and on Zen 5 (AVX-512) four keys
-  /// side by side took decode of 16384 keys 7-13% longer than one (scratch driver,
-  /// alternating builds, medians of 8: GQA-8 7.70 / 3.74 ms against 7.16 / 3.26 on 1 / 2
-  /// threads, MHA 25.0 / 13.45 against 23.25 / 12.05).
+  /// Q.K by dims (few rows): up to dims_rows rows, one key at a time. The tile then reads
+  /// each K row whole and in order, which the hardware prefetchers follow best. Keys read
+  /// side by side (every line of each row in turn, 512 bytes apart) streamed K from DRAM
+  /// at 7.6 GB/s against 11.4-11.9 on Zen 3 (AVX2, one core, where a plain sum reads
+  /// 12-13; scratch probe, medians of 5), and on Zen 5 (AVX-512) four keys side by side
+  /// took decode of 16384 keys 7-13% longer than one (scratch driver, alternating builds,
+  /// medians of 8: GQA-8 7.70 / 3.74 ms against 7.16 / 3.26 on 1 / 2 threads, MHA 25.0 /
+  /// 13.45 against 23.25 / 12.05).
   static constexpr int dims_rows = 4;
-  static constexpr int dims_keys = 1;
+  /// Keys per pass when a task has more rows than one Q.K-by-dims tile: each row tile
+  /// walks these keys in turn while they are in L1.
+  static constexpr int dims_key_tile = 32;
+  /// Query vectors per row the Q.K-by-dims kernel holds in registers for a whole pass over
+  /// the keys (0 when head_dim is only known at run time), leaving registers for the two
+  /// accumulator chains per row, the K vector and spares. Each query vector held is one
+  /// load fewer per key and row; the loads, not the FMAs, bound this kernel, and on Zen 5
+  /// they also slow the K stream from DRAM: GQA-8 decode of 16384 keys, 1 thread, scratch
+  /// driver with per-phase counters, alternating builds: Q.K 20 -> 15-16 TSC cycles per
+  /// key and KV head in cache, 39-41 -> 35-36 with the K/V from DRAM; the whole call 5.85
+  /// -> 5.12 ms (medians of 5 runs of 30; a busy hour, same order as 4.94 -> 4.77 earlier).
+  /// Five vectors per row (one fewer spare) was no faster in cache and slower from DRAM.
+  static constexpr int dims_held_vecs(int rows, int dim_padded) {
+    if (dim_padded == Dynamic) return 0;
+    const int spare = Isa::registers - 2 * rows - 8;
+    return std::max(0, std::min(dim_padded / width, spare / rows));
+  }
   /// P.V by rows (many rows): the Q.K tile's shape, up to pv_row_vecs row vectors x
   /// pv_dims dimensions (2 x 8: 16 accumulators). Measured on AVX-512 with 32 rows and
   /// 64 keys in L1: 207 GFLOP/s against 202 for 4 rows x 4 vectors of head_dim, and with
@@ -201,8 +217,7 @@ struct Tiling {
   /// keys on Zen 3, 1 thread, scratch driver, six alternating pairs: 1-12% faster than
   /// one pass per row over the whole block, 12.2-15.7 against 12.8-17.9 ms).
   static constexpr int pv_key_tile_few = 32;
-  static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0 && key_block_few % dims_keys == 0,
-                "whole tiles per full key block");
+  static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0, "whole tiles per full key block");
   static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
                 "whole vectors of logits per block");
 };
@@ -237,59 +252,6 @@ KVHEADS_NOINLINE void qk_by_rows(const float* qt, int rows_padded, const float* 
     for (int r = 0; r < RowVecs; ++r) Isa::store(logits + j * rows_padded + r * Isa::width, acc[r][j]);
 }
 
-/// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim.
-/// `q_rows` are scaled queries padded with zeros to whole vectors ([rows][dim_padded]);
-/// logit (key j, row r) goes to logits[r * row_stride + j]. The Rows x Keys horizontal
-/// sums are done width at a time by reduce_sum_each when the tile fills at least half of
-/// them (a fraction of reduce_sum's cost each), else one by one.
-template <class Isa, int Rows, int Keys, class DimPadded>
-inline void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k, std::ptrdiff_t k_stride,
-                       int row_stride, float* logits) {
-  using V = typename Isa::vec;
-  constexpr int width = Isa::width, sums = Rows * Keys;
-  // Few sums: two accumulator chains each (even and odd vectors of head_dim), so a key's
-  // dot products are not one FMA latency per vector long.
-  constexpr int chains = sums < 8 ? 2 : 1;
-  V acc[Rows * Keys], odd[chains > 1 ? Rows * Keys : 1];  // acc[r * Keys + j]
-  for (int i = 0; i < sums; ++i) acc[i] = Isa::zero();
-  if constexpr (chains > 1)
-    for (int i = 0; i < sums; ++i) odd[i] = Isa::zero();
-  const auto step = [&](int d, V* into) {
-    V key[Keys];
-    for (int j = 0; j < Keys; ++j) {
-      key[j] = Isa::load(k + j * k_stride + d);
-      Isa::hold(key[j]);
-    }
-    for (int r = 0; r < Rows; ++r) {
-      V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + d);
-      Isa::hold(q);
-      for (int j = 0; j < Keys; ++j) into[r * Keys + j] = Isa::fma(q, key[j], into[r * Keys + j]);
-    }
-  };
-  int d = 0;
-  if constexpr (chains > 1) {
-    for (; d + 2 * width <= dim_padded.get(); d += 2 * width) {
-      step(d, acc);
-      step(d + width, odd);
-    }
-  }
-  for (; d < dim_padded.get(); d += width) step(d, acc);
-  if constexpr (chains > 1)
-    for (int i = 0; i < sums; ++i) acc[i] = Isa::add(acc[i], odd[i]);
-  if constexpr (2 * sums >= width && width > 1) {
-    constexpr int groups = (sums + width - 1) / width;
-    V padded[groups * width];
-    for (int i = 0; i < groups * width; ++i) padded[i] = i < sums ? acc[i] : Isa::zero();
-    float sum[groups * width];
-    for (int g = 0; g < groups; ++g) Isa::store(sum + g * width, Isa::reduce_sum_each(padded + g * width));
-    for (int r = 0; r < Rows; ++r)
-      for (int j = 0; j < Keys; ++j) logits[std::ptrdiff_t(r) * row_stride + j] = sum[r * Keys + j];
-  } else {
-    for (int r = 0; r < Rows; ++r)
-      for (int j = 0; j < Keys; ++j) logits[std::ptrdiff_t(r) * row_stride + j] = Isa::reduce_sum(acc[r * Keys + j]);
-  }
-}
-
 /// Rows to prefetch while a micro-kernel walks its keys: for key j < keys, the row at
 /// first + j * stride (bytes), `lines` cache lines of it.
 struct PrefetchRows {
@@ -307,6 +269,71 @@ struct PrefetchRows {
     if (j < keys) simd::prefetch(first + j * stride + (i - j * lines) * 64);
   }
 };
+
+/// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim,
+/// one key after another over `keys` keys. `q_rows` are scaled queries padded with zeros
+/// to whole vectors ([rows][dim_padded]); logit (key j, row r) goes to
+/// logits[r * row_stride + j]. The first Held vectors of each row's query stay in
+/// registers for the whole pass (see Tiling::dims_held_vecs), the rest are loaded per key.
+/// A key's Rows horizontal sums are done width at a time by reduce_sum_each when they fill
+/// at least half a vector (a fraction of reduce_sum's cost each), else one by one.
+/// `ahead`: rows to request while the pass walks its keys (one key's rows per key).
+template <class Isa, int Rows, int Held, class DimPadded>
+KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k, std::ptrdiff_t k_stride,
+                                 int keys, int row_stride, float* logits, PrefetchRows ahead) {
+  using V = typename Isa::vec;
+  constexpr int width = Isa::width;
+  const int dim_vecs = dim_padded.get() / width;
+  V held[Rows][Held > 0 ? Held : 1];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Held; ++c) {
+      held[r][c] = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + c * width);
+      Isa::hold(held[r][c]);
+    }
+  for (int j = 0; j < keys; ++j) {
+    ahead.key(j);
+    const float* key = k + j * k_stride;
+    // Two accumulator chains per row (even and odd vectors of head_dim), so a key's dot
+    // products are not one FMA latency per vector long.
+    V even[Rows], odd[Rows];
+    for (int r = 0; r < Rows; ++r) even[r] = odd[r] = Isa::zero();
+    for (int c = 0; c < Held; ++c) {
+      V key_vec = Isa::load(key + c * width);
+      Isa::hold(key_vec);  // one load per K vector, not one folded into each row's FMA
+      for (int r = 0; r < Rows; ++r) {
+        V& sum = c % 2 ? odd[r] : even[r];
+        sum = Isa::fma(held[r][c], key_vec, sum);
+      }
+    }
+    const auto step = [&](int c, V* sums) {
+      V key_vec = Isa::load(key + c * width);
+      Isa::hold(key_vec);
+      for (int r = 0; r < Rows; ++r) {
+        V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + c * width);
+        Isa::hold(q);
+        sums[r] = Isa::fma(q, key_vec, sums[r]);
+      }
+    };
+    // Explicit pairs: a chain chosen by a run-time parity would keep the sums in memory.
+    int c = Held;
+    for (; c + 2 <= dim_vecs; c += 2) {
+      step(c, Held % 2 ? odd : even);
+      step(c + 1, Held % 2 ? even : odd);
+    }
+    if (c < dim_vecs) step(c, Held % 2 ? odd : even);
+    for (int r = 0; r < Rows; ++r) even[r] = Isa::add(even[r], odd[r]);
+    if constexpr (2 * Rows >= width && width > 1) {
+      static_assert(Rows <= width, "one reduce_sum_each per key");
+      V padded[width];
+      for (int i = 0; i < width; ++i) padded[i] = i < Rows ? even[i] : Isa::zero();
+      float sum[width];
+      Isa::store(sum, Isa::reduce_sum_each(padded));
+      for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = sum[r];
+    } else {
+      for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = Isa::reduce_sum(even[r]);
+    }
+  }
+}
 
 /// The strides of the block's logits, p(j, r) = p[j * key + r * row].
 struct LogitStrides {
@@ -660,23 +687,26 @@ class FusedTask {
 
       // Logits of the block.
       if (by_dims) {  // row-major logits: row r at logits + r * key_block
-        constexpr int tile_keys = Tiling<Isa>::dims_keys, tile_rows = Tiling<Isa>::dims_rows;
-        const auto qk_tile = [&](int first_key, auto keys_now) {
+        constexpr int tile_rows = Tiling<Isa>::dims_rows;
+        // One row tile walks the whole block; several take turns over key tiles in L1.
+        const int key_tile = rows > tile_rows ? Tiling<Isa>::dims_key_tile : keys;
+        for (int first_key = 0; first_key < keys; first_key += key_tile) {
+          const int tile_keys = std::min(key_tile, keys - first_key);
+          PrefetchRows tile_ahead{};
+          if (during_qk.keys > first_key) {
+            tile_ahead = during_qk;
+            tile_ahead.first += first_key * during_qk.stride;
+            tile_ahead.keys = during_qk.keys - first_key;
+          }
           for (int r = 0; r < rows; r += tile_rows)
             with_tile_size<tile_rows>(rows - r, [&](auto rows_now) {
-              qk_by_dims<Isa, rows_now.value, keys_now.value>(queries_buf + std::ptrdiff_t(r) * dim_padded_,
-                                                            Size<dim_padded_static>(dim_padded_),
-                                                            k_rows + first_key * row_stride, row_stride, key_block,
-                                                            logits + std::ptrdiff_t(r) * key_block + first_key);
+              constexpr int held = Tiling<Isa>::dims_held_vecs(rows_now.value, dim_padded_static);
+              qk_by_dims<Isa, rows_now.value, held>(queries_buf + std::ptrdiff_t(r) * dim_padded_,
+                                                    Size<dim_padded_static>(dim_padded_),
+                                                    k_rows + first_key * row_stride, row_stride, tile_keys, key_block,
+                                                    logits + std::ptrdiff_t(r) * key_block + first_key,
+                                                    r == 0 ? tile_ahead : PrefetchRows{});
             });
-        };
-        for (int j = 0; j < keys; j += tile_keys) {
-          for (int key = j; key < j + tile_keys; ++key) during_qk.key(key);
-          if (j + tile_keys <= keys) {
-            qk_tile(j, std::integral_constant<int, tile_keys>{});
-          } else {  // the last block's tail, key by key
-            for (int key = j; key < keys; ++key) qk_tile(key, std::integral_constant<int, 1>{});
-          }
         }
       } else {
         constexpr int tile_keys = Tiling<Isa>::qk_keys, tile_row_vecs = Tiling<Isa>::qk_row_vecs;
