@@ -263,6 +263,11 @@ struct PrefetchRows {
     if (j >= keys) return;
     for (int line = 0; line < lines; ++line) simd::prefetch(first + j * stride + line * 64);
   }
+  /// The same requests for a pass starting at key first_key (none when it is past them).
+  PrefetchRows from_key(int first_key) const {
+    if (keys <= first_key) return {};
+    return {first + first_key * stride, stride, keys - first_key, lines};
+  }
   /// The i-th cache line of the rows, counted key-major.
   void line(int i) const {
     const int j = i / lines;
@@ -456,12 +461,7 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
       const int key_tile = rows > 1 ? Tiling<Isa>::pv_key_tile_few : keys;
       for (int first_key = 0; first_key < keys; first_key += key_tile) {
         const int tile_keys = std::min(key_tile, keys - first_key);
-        PrefetchRows tile_ahead{};
-        if (ahead.keys > first_key) {
-          tile_ahead = ahead;
-          tile_ahead.first += first_key * ahead.stride;
-          tile_ahead.keys = ahead.keys - first_key;
-        }
+        const PrefetchRows tile_ahead = ahead.from_key(first_key);
         for (int r = 0; r < rows; ++r)
           pv_tile<Isa, 1, max_chunks, SkipMasked>(
               p + std::ptrdiff_t(r) * strides.row + std::ptrdiff_t(first_key) * strides.key, strides,
@@ -692,12 +692,7 @@ class FusedTask {
         const int key_tile = rows > tile_rows ? Tiling<Isa>::dims_key_tile : keys;
         for (int first_key = 0; first_key < keys; first_key += key_tile) {
           const int tile_keys = std::min(key_tile, keys - first_key);
-          PrefetchRows tile_ahead{};
-          if (during_qk.keys > first_key) {
-            tile_ahead = during_qk;
-            tile_ahead.first += first_key * during_qk.stride;
-            tile_ahead.keys = during_qk.keys - first_key;
-          }
+          const PrefetchRows tile_ahead = during_qk.from_key(first_key);
           for (int r = 0; r < rows; r += tile_rows)
             with_tile_size<tile_rows>(rows - r, [&](auto rows_now) {
               constexpr int held = Tiling<Isa>::dims_held_vecs(rows_now.value, dim_padded_static);
