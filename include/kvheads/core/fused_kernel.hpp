@@ -188,9 +188,10 @@ struct Tiling {
   /// accumulator chains per row, the K vector and spares. Each query vector held is one
   /// load fewer per key and row; the loads, not the FMAs, bound this kernel, and on Zen 5
   /// they also slow the K stream from DRAM: GQA-8 decode of 16384 keys, 1 thread, scratch
-  /// driver with per-phase counters, alternating builds: Q.K 20 -> 15-16 TSC cycles per
-  /// key and KV head in cache, 39-41 -> 35-36 with the K/V from DRAM; the whole call 5.85
-  /// -> 5.12 ms (medians of 5 runs of 30; a busy hour, same order as 4.94 -> 4.77 earlier).
+  /// driver with per-phase counters, alternating builds: Q.K 20 -> 16 TSC cycles per key
+  /// and KV head in cache, 39-41 -> 35-36 with the K/V from DRAM; the whole call 0.96-0.98x
+  /// on 1 thread and 0.94x on 2 (medians of 5-8 pairs), 0.87-0.91x in cache; the AVX2
+  /// build on the same core Q.K 40 -> 28 cycles, GQA-8 0.90x / 0.92x; MHA within noise.
   /// Five vectors per row (one fewer spare) was no faster in cache and slower from DRAM.
   static constexpr int dims_held_vecs(int rows, int dim_padded) {
     if (dim_padded == Dynamic) return 0;
