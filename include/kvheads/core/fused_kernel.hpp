@@ -218,6 +218,8 @@ struct Tiling {
   /// keys on Zen 3, 1 thread, scratch driver, six alternating pairs: 1-12% faster than
   /// one pass per row over the whole block, 12.2-15.7 against 12.8-17.9 ms).
   static constexpr int pv_key_tile_few = 32;
+  /// Pages ahead of a few-row pass that PageAhead requests (see there).
+  static constexpr int pages_ahead_few = 4;
   static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0, "whole tiles per full key block");
   static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
                 "whole vectors of logits per block");
@@ -276,6 +278,34 @@ struct PrefetchRows {
   }
 };
 
+/// One request per 4 KiB page for a pass that reads rows in order from memory: the first
+/// row on a new page requests the line `pages` pages further on. The hardware stream
+/// prefetchers stop at each 4 KiB page edge and need a few misses on the next page to
+/// start again; a line requested ahead starts them before the pass gets there. This is
+/// one request per 8 rows of 128 floats; requesting every row ahead, or whole rows, cost
+/// more in memory requests than it gained (see run_layout). Requests past the end of
+/// the rows are harmless (a prefetch never faults), so the address is plain arithmetic.
+/// Few-row decode of 16384 keys out of cache, Zen 5, scratch driver, alternating builds,
+/// medians of 4-6 pairs: GQA-8 0.86x time on 1 thread (0.99x in a noisier series), 0.93x
+/// on 2; MHA 0.82x / 0.79x; eight-row GQA 0.96x. In cache (1024 keys) 1.02x / 0.95x.
+struct PageAhead {
+  static constexpr std::uintptr_t page = 4096;
+  std::uintptr_t stride = 0;  // bytes from row to row; 0: no requests
+  std::uintptr_t distance = 0;
+
+  /// Requests for rows `stride_bytes` apart, or none when each row is on its own page.
+  static PageAhead rows(std::ptrdiff_t stride_bytes, int pages) {
+    if (stride_bytes <= 0 || std::uintptr_t(stride_bytes) >= page) return {};
+    return {std::uintptr_t(stride_bytes), std::uintptr_t(pages) * page};
+  }
+  void row(const void* row) const {
+    if (stride == 0) return;
+    // A row starting within `stride` bytes of its page's start is the page's first.
+    const auto address = reinterpret_cast<std::uintptr_t>(row);
+    if ((address & (page - 1)) < stride) simd::prefetch(reinterpret_cast<const void*>(address + distance));
+  }
+};
+
 /// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim,
 /// one key after another over `keys` keys. `q_rows` are scaled queries padded with zeros
 /// to whole vectors ([rows][dim_padded]); logit (key j, row r) goes to
@@ -283,10 +313,11 @@ struct PrefetchRows {
 /// registers for the whole pass (see Tiling::dims_held_vecs), the rest are loaded per key.
 /// A key's Rows horizontal sums are done width at a time by reduce_sum_each when they fill
 /// at least half a vector (a fraction of reduce_sum's cost each), else one by one.
-/// `ahead`: rows to request while the pass walks its keys (one key's rows per key).
+/// `ahead`: rows to request while the pass walks its keys (one key's rows per key);
+/// `pages`: requests ahead of the K rows themselves.
 template <class Isa, int Rows, int Held, class DimPadded>
 KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k, std::ptrdiff_t k_stride,
-                                 int keys, int row_stride, float* logits, PrefetchRows ahead) {
+                                 int keys, int row_stride, float* logits, PrefetchRows ahead, PageAhead pages) {
   using V = typename Isa::vec;
   constexpr int width = Isa::width;
   const int dim_vecs = dim_padded.get() / width;
@@ -299,6 +330,7 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
   for (int j = 0; j < keys; ++j) {
     ahead.key(j);
     const float* key = k + j * k_stride;
+    pages.row(key);
     // Two accumulator chains per row (even and odd vectors of head_dim), so a key's dot
     // products are not one FMA latency per vector long.
     V even[Rows], odd[Rows];
@@ -405,7 +437,8 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
 /// Strides may be negative: a pass may walk the keys backwards (see pv_block).
 template <class Isa, int Rows, int Chunks, bool SkipMasked>
 inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
-                    int first_chunk, float* out, int dim_padded, PrefetchRows ahead, int memory_chunks = 0) {
+                    int first_chunk, float* out, int dim_padded, PrefetchRows ahead, PageAhead pages = {},
+                    int memory_chunks = 0) {
   using V = typename Isa::vec;
   V acc[Rows][Chunks];
   float* const out_first = out + first_chunk * Isa::width;
@@ -414,6 +447,7 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
     for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::load(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width);
   for (int j = 0; j < keys; ++j) {
     ahead.key(j);
+    pages.row(v_first + j * v_stride);
     V value[Chunks];
     for (int c = 0; c < Chunks; ++c) {
       value[c] = Isa::load(v_first + j * v_stride + c * Isa::width);
@@ -448,10 +482,11 @@ inline void with_tile_size(int n, F&& f) {
 }
 
 /// P.V of rows [0, rows) over all chunks of head_dim, in register tiles of up to
-/// MaxRows x MaxChunks; the first tile's pass over the keys issues the `ahead` prefetches.
+/// MaxRows x MaxChunks; the first tile's pass over the keys issues the `ahead` and
+/// `pages` requests.
 template <class Isa, int MaxRows, int MaxChunks, bool SkipMasked>
 inline void pv_block(int rows, const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
-                     float* acc, int dim_padded, PrefetchRows ahead = {}) {
+                     float* acc, int dim_padded, PrefetchRows ahead = {}, PageAhead pages = {}) {
   constexpr int max_rows = MaxRows, max_chunks = MaxChunks;
   const int chunks = dim_padded / Isa::width;
   if constexpr (Tiling<Isa>::pv_whole_rows_few && max_rows == 1) {
@@ -467,7 +502,7 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
           pv_tile<Isa, 1, max_chunks, SkipMasked>(
               p + std::ptrdiff_t(r) * strides.row + std::ptrdiff_t(first_key) * strides.key, strides,
               v + first_key * v_stride, v_stride, tile_keys, 0, acc + std::ptrdiff_t(r) * dim_padded, dim_padded,
-              r == 0 ? tile_ahead : PrefetchRows{}, chunks - max_chunks);
+              r == 0 ? tile_ahead : PrefetchRows{}, r == 0 ? pages : PageAhead{}, chunks - max_chunks);
       }
       return;
     }
@@ -493,9 +528,10 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
                 row_p + last * strides.key, LogitStrides{-strides.key, strides.row}, v + last * v_stride, -v_stride,
                 keys, c, row_acc, dim_padded, PrefetchRows{});
           } else {
+            const bool first = r == 0 && c == 0;
             pv_tile<Isa, tile_rows.value, tile_chunks.value, SkipMasked>(row_p, strides, v, v_stride, keys, c, row_acc,
-                                                                         dim_padded,
-                                                                         r == 0 && c == 0 ? ahead : PrefetchRows{});
+                                                                         dim_padded, first ? ahead : PrefetchRows{},
+                                                                         first ? pages : PageAhead{});
           }
         });
       });
@@ -663,7 +699,7 @@ class FusedTask {
       // pinned to one core: 1.458 -> 1.418 ms on 1 thread, 0.757 -> 0.737 on 2, and
       // 1.855 -> 1.715 at a busier moment; causal prefill unchanged).
       // Few-row (decode) tasks, which now read each K and V row whole and in order (see
-      // Tiling::dims_keys), request nothing ahead, but for several-row tasks on 16-register
+      // Tiling::dims_rows), request nothing ahead, but for several-row tasks on 16-register
       // ISAs: those whole-row passes are what the hardware prefetchers follow best, and
       // each software request holds one of the core's few L1 miss buffers while it waits
       // on DRAM. On Zen 5 (AVX-512), scratch driver, alternating builds, medians of 5-8:
@@ -672,7 +708,12 @@ class FusedTask {
       // 5.41, MHA at 4096 keys 6.10 -> 3.45. On Zen 3 (AVX2) one-row tasks gained the same
       // way (MHA 16384, 1 thread: 47-59 ms with the requests, 38-48 without; a block
       // ahead is 128 KiB per plane, four of which fill its 512 KiB L2), but two-row tasks
-      // (GQA-16) were 8-16% slower without them, so those keep them there.
+      // (GQA-16) were 8-16% slower without them, so those keep them there. Requests of a
+      // line 16 or 64 keys ahead, one per key, to start the stream on the next page early,
+      // were slower too on Zen 5 (whole call 5.6-6.1 -> 6.1-7.2 ms), and so were whole rows
+      // 8-32 keys ahead (GQA-8 4.9-5.4 -> 6.0-6.4 ms); one line per page (PageAhead) gains.
+      // K and V read side by side (P.V of the previous block in 32-key tiles between Q.K
+      // tiles of this one) took GQA-8 decode from 5.0 to 8.0 ms: one stream at a time.
       const bool request_ahead = !by_dims || (!Tiling<Isa>::many_registers && rows > 1);
       PrefetchRows during_qk, during_pv;
       if (k_rows != k_stage && request_ahead) {
@@ -685,6 +726,12 @@ class FusedTask {
         during_qk = by_dims ? next_k : this_v;
         during_pv = by_dims ? next_v : next_k;
       }
+      // Few-row passes that request nothing ahead request a line a few pages ahead instead
+      // (see PageAhead).
+      const PageAhead pages =
+          by_dims && k_rows != k_stage && !request_ahead
+              ? PageAhead::rows(args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT)), Tiling<Isa>::pages_ahead_few)
+              : PageAhead{};
 
       // Logits of the block.
       if (by_dims) {  // row-major logits: row r at logits + r * key_block
@@ -701,7 +748,7 @@ class FusedTask {
                                                     Size<dim_padded_static>(dim_padded_),
                                                     k_rows + first_key * row_stride, row_stride, tile_keys, key_block,
                                                     logits + std::ptrdiff_t(r) * key_block + first_key,
-                                                    r == 0 ? tile_ahead : PrefetchRows{});
+                                                    r == 0 ? tile_ahead : PrefetchRows{}, r == 0 ? pages : PageAhead{});
             });
         }
       } else {
@@ -779,10 +826,10 @@ class FusedTask {
         constexpr int tile_rows = Tiling<Isa>::pv_rows_few, tile_chunks = Tiling<Isa>::pv_chunks_few;
         if (block_needs_mask)
           pv_block<Isa, tile_rows, tile_chunks, true>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_,
-                                                      during_pv);
+                                                      during_pv, pages);
         else
           pv_block<Isa, tile_rows, tile_chunks, false>(rows, logits, strides, v_rows, row_stride, keys, acc, dim_padded_,
-                                                       during_pv);
+                                                       during_pv, pages);
       } else {
         constexpr int tile_dims = Tiling<Isa>::pv_dims, tile_row_vecs = Tiling<Isa>::pv_row_vecs;
         const int row_vecs = rows_padded / width;
