@@ -92,15 +92,47 @@ inline void add_sink(float* row, float& lse, float sink, int head_dim) {
   lse = max + std::log(row_weight + sink_weight);
 }
 
+/// One request per 4 KiB page for a pass that reads rows in order from memory: the first
+/// row on a new page requests the line `pages` pages further on. The hardware stream
+/// prefetchers stop at each 4 KiB page edge and need a few misses on the next page to
+/// start again; a line requested ahead starts them before the pass gets there. This is
+/// one request per 8 rows of 128 floats; requesting every row ahead, or whole rows, cost
+/// more in memory requests than it gained (see run_layout). Requests past the end of
+/// the rows are harmless (a prefetch never faults), so the address is plain arithmetic.
+/// Few-row decode of 16384 keys out of cache, Zen 5, scratch driver, alternating builds,
+/// medians of 4-6 pairs: GQA-8 0.86x time on 1 thread (0.99x in a noisier series), 0.93x
+/// on 2; MHA 0.82x / 0.79x; eight-row GQA 0.96x. In cache (1024 keys) 1.02x / 0.95x.
+/// Widening reduced-precision rows (bench_cache_storage, 4 alternating runs, 16384
+/// keys, 1 / 2 threads): bf16 MHA 0.92x / 0.90x, GQA-8 0.93x / 0.96x; int8 0.96-1.02x;
+/// MQA 0.99-1.00x.
+struct PageAhead {
+  static constexpr std::uintptr_t page = 4096;
+  std::uintptr_t stride = 0;  // bytes from row to row; 0: no requests
+  std::uintptr_t distance = 0;
+
+  /// Requests for rows `stride_bytes` apart, or none when each row is on its own page.
+  static PageAhead rows(std::ptrdiff_t stride_bytes, int pages) {
+    if (stride_bytes <= 0 || std::uintptr_t(stride_bytes) >= page) return {};
+    return {std::uintptr_t(stride_bytes), std::uintptr_t(pages) * page};
+  }
+  void row(const void* row) const {
+    if (stride == 0) return;
+    // A row starting within `stride` bytes of its page's start is the page's first.
+    const auto address = reinterpret_cast<std::uintptr_t>(row);
+    if ((address & (page - 1)) < stride) simd::prefetch(reinterpret_cast<const void*>(address + distance));
+  }
+};
+
 /// Widens `rows` stored rows of head_dim elements (times a per-row scale for int8) into
 /// fp32 rows of dim_padded floats, zero-padded. Whole vectors convert in registers
 /// through simd::widen; the tail goes element by element.
 template <class Isa, class KvT, class HeadDim>
 inline void widen_rows(const KvT* src, std::ptrdiff_t src_stride, int rows, HeadDim head_dim, const float* scales,
-                       float* dst, int dim_padded) {
+                       float* dst, int dim_padded, PageAhead pages = {}) {
   const int full = head_dim.get() / Isa::width * Isa::width;
   for (int r = 0; r < rows; ++r) {
     const KvT* in = src + r * src_stride;
+    pages.row(in);
     float* out = dst + std::ptrdiff_t(r) * dim_padded;
     const float scale = scales ? scales[r] : 1.f;
     const typename Isa::vec scale_vec = Isa::broadcast(scale);
@@ -275,34 +307,6 @@ struct PrefetchRows {
   void line(int i) const {
     const int j = i / lines;
     if (j < keys) simd::prefetch(first + j * stride + (i - j * lines) * 64);
-  }
-};
-
-/// One request per 4 KiB page for a pass that reads rows in order from memory: the first
-/// row on a new page requests the line `pages` pages further on. The hardware stream
-/// prefetchers stop at each 4 KiB page edge and need a few misses on the next page to
-/// start again; a line requested ahead starts them before the pass gets there. This is
-/// one request per 8 rows of 128 floats; requesting every row ahead, or whole rows, cost
-/// more in memory requests than it gained (see run_layout). Requests past the end of
-/// the rows are harmless (a prefetch never faults), so the address is plain arithmetic.
-/// Few-row decode of 16384 keys out of cache, Zen 5, scratch driver, alternating builds,
-/// medians of 4-6 pairs: GQA-8 0.86x time on 1 thread (0.99x in a noisier series), 0.93x
-/// on 2; MHA 0.82x / 0.79x; eight-row GQA 0.96x. In cache (1024 keys) 1.02x / 0.95x.
-struct PageAhead {
-  static constexpr std::uintptr_t page = 4096;
-  std::uintptr_t stride = 0;  // bytes from row to row; 0: no requests
-  std::uintptr_t distance = 0;
-
-  /// Requests for rows `stride_bytes` apart, or none when each row is on its own page.
-  static PageAhead rows(std::ptrdiff_t stride_bytes, int pages) {
-    if (stride_bytes <= 0 || std::uintptr_t(stride_bytes) >= page) return {};
-    return {std::uintptr_t(stride_bytes), std::uintptr_t(pages) * page};
-  }
-  void row(const void* row) const {
-    if (stride == 0) return;
-    // A row starting within `stride` bytes of its page's start is the page's first.
-    const auto address = reinterpret_cast<std::uintptr_t>(row);
-    if ((address & (page - 1)) < stride) simd::prefetch(reinterpret_cast<const void*>(address + distance));
   }
 };
 
@@ -669,10 +673,12 @@ class FusedTask {
       }
       if (k_rows == k_stage) {
         const std::ptrdiff_t scale_row = kv_head * args_.scale_head_stride + slot;
+        const PageAhead pages = PageAhead::rows(args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT)),
+                                                Tiling<Isa>::pages_ahead_few);
         widen_rows<Isa>(k, args_.kv_token_stride, keys, head_dim_,
-                        args_.k_scales ? args_.k_scales + scale_row : nullptr, k_stage, dim_padded_);
+                        args_.k_scales ? args_.k_scales + scale_row : nullptr, k_stage, dim_padded_, pages);
         widen_rows<Isa>(v, args_.kv_token_stride, keys, head_dim_,
-                        args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_);
+                        args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_, pages);
       }
 
       // The hardware prefetcher does not keep up with these strided row walks: tasks
