@@ -648,6 +648,9 @@ class FusedTask {
     // k and v may be null when there are no keys: never offset a null pointer.
     const KvT* k_head = args_.k ? args_.k + kv_head * args_.kv_head_stride : nullptr;
     const KvT* v_head = args_.v ? args_.v + kv_head * args_.kv_head_stride : nullptr;
+    // Requests a few pages ahead of passes that read K/V rows from memory (see PageAhead).
+    const PageAhead stored_pages =
+        PageAhead::rows(args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT)), Tiling<Isa>::pages_ahead_few);
     for (int segment = 0; segment < args_.segment_count; ++segment) {
      const KeySegment& stored = args_.segments[segment];
      const std::ptrdiff_t stored_end = std::min(end, stored.first_position + stored.count);
@@ -673,12 +676,10 @@ class FusedTask {
       }
       if (k_rows == k_stage) {
         const std::ptrdiff_t scale_row = kv_head * args_.scale_head_stride + slot;
-        const PageAhead pages = PageAhead::rows(args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT)),
-                                                Tiling<Isa>::pages_ahead_few);
         widen_rows<Isa>(k, args_.kv_token_stride, keys, head_dim_,
-                        args_.k_scales ? args_.k_scales + scale_row : nullptr, k_stage, dim_padded_, pages);
+                        args_.k_scales ? args_.k_scales + scale_row : nullptr, k_stage, dim_padded_, stored_pages);
         widen_rows<Isa>(v, args_.kv_token_stride, keys, head_dim_,
-                        args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_, pages);
+                        args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_, stored_pages);
       }
 
       // The hardware prefetcher does not keep up with these strided row walks: tasks
@@ -734,10 +735,7 @@ class FusedTask {
       }
       // Few-row passes that request nothing ahead request a line a few pages ahead instead
       // (see PageAhead).
-      const PageAhead pages =
-          by_dims && k_rows != k_stage && !request_ahead
-              ? PageAhead::rows(args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT)), Tiling<Isa>::pages_ahead_few)
-              : PageAhead{};
+      const PageAhead pages = by_dims && k_rows != k_stage && !request_ahead ? stored_pages : PageAhead{};
 
       // Logits of the block.
       if (by_dims) {  // row-major logits: row r at logits + r * key_block
