@@ -251,10 +251,12 @@ struct Tiling {
   /// weights broadcast once and its V vectors loaded one at a time, then the rest of
   /// the row. That loads each V vector once per four rows instead of once per two
   /// (16 loads per key and four rows at head_dim 128, against 20), and leaves a second
-  /// pass of a quarter row instead of a whole one. GQA-8 decode on Zen 5, scratch
-  /// driver, alternating builds, medians of 4: in cache (1024 keys) 0.89x time on 1
-  /// and 2 threads (the P.V phase 19 -> 15 TSC cycles per key and KV head); 16384 keys
-  /// out of cache 0.98x / 0.99x; kv_heads 4 (eight rows) 0.95x.
+  /// pass of a quarter row instead of a whole one. GQA-8 decode on Zen 5, bench_attend
+  /// built both ways, alternating runs, medians of 4-6 pairs: in cache (1024 keys)
+  /// 0.91-0.95x time on 1 thread and 0.91-0.96x on 2; 16384 keys out of cache 1.01-1.08x,
+  /// within the runs' noise (unchanged MHA and MQA moved 0.95-1.02x). A scratch copy with
+  /// per-phase counters: P.V 19 -> 15 TSC cycles per key and KV head in cache, 35 -> 33
+  /// from DRAM. Two passes of 4 rows x half a row were slower from DRAM (see README).
   static constexpr int pv_rows_wide = 4;
   static constexpr int pv_chunks_wide = 6;
   /// Keys per tile when several rows share those whole-row passes (GQA-8 decode of 16384
