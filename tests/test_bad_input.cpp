@@ -143,6 +143,7 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     const std::string what = "layout {" + std::to_string(bad.q_heads) + ", " + std::to_string(bad.kv_heads) + ", " +
                              std::to_string(bad.head_dim) + "}";
     add("HeadLayout::validate", what, message, [bad = bad] { bad.validate(); });
+    add("HeadLayout::kv_head_of", what, message, [bad = bad] { (void)bad.kv_head_of(1); });
     add("make_layout", what, message, [bad = bad] { kvheads::make_layout(bad.q_heads, bad.kv_heads, bad.head_dim); });
     add("attend (plain)", what, message,
         [&, bad = bad] { kvheads::attend(q.data(), k.data(), v.data(), out.data(), 1, 1, bad); });
@@ -259,6 +260,11 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   add("KvCache::ring", "window 0", "ring window (0) must be positive", [&] { KvCache<float>::ring(layout, 0, 1); });
   add("KvCache::ring", "window -3", "ring window (-3) must be positive", [&] { KvCache<float>::ring(layout, -3, 1); });
   add("KvCache::ring", "max_queries 0", "max_queries (0) must be positive", [&] { KvCache<float>::ring(layout, 4, 0); });
+  add("KvCache::ring", "window + max_queries - 1 above INT_MAX",
+      "ring window (2147483647) + max_queries (2) - 1 must be at most 2147483647",
+      [&] { KvCache<float>::ring(layout, INT_MAX, 2); });
+  add("KvCache::ring", "max_queries INT_MAX with window 2", "ring window (2) + max_queries (2147483647) - 1",
+      [&] { KvCache<float>::ring(layout, 2, INT_MAX); });
   add("Attention::make_cache", "capacity 0", "cache capacity (0) must be positive",
       [&] { kvheads::Attention<float>(16, layout).make_cache(0); });
 
@@ -293,6 +299,7 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     cache.read_token(0, -1, kk, vv);
   });
   add("KvCache::reserve", "a ring", "a ring cache (window 4) cannot be resized", [&] { ring.reserve(100); });
+  add("KvCache::reserve", "capacity -5", "cache capacity (-5) must be >= 0", [&] { cache.reserve(-5); });
 
   // --- Attention ------------------------------------------------------------------------------
   kvheads::Attention<float> layer(16, layout);
@@ -347,6 +354,19 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   layer.forward(x.data(), 3, layer_cache, y.data());
   const CacheState layer_cache_before(layer_cache);
   KvCache<float> mismatched(HeadLayout{4, 1, 8}, 4);
+  // A ring of window 4 for one query per call, full and wrapped (positions 2..5): forward
+  // must refuse before appending, not after (an append overwrites the oldest keys).
+  auto layer_ring = KvCache<float>::ring(layout, 4, 1);
+  for (int t = 0; t < 6; ++t) layer.forward(x.data() + t * 16, 1, layer_ring, y.data());
+  const CacheState layer_ring_before(layer_ring);
+  add("Attention::forward (pointer)", "more tokens than the ring serves as queries",
+      "n_tokens (2) is too many queries for a ring cache of capacity 4 and window 4",
+      [&] { layer.forward(x.data(), 2, layer_ring, y.data()); });
+  add("Attention::forward (pointer)", "more tokens than the ring holds",
+      "n_tokens (5) must not exceed the ring cache's capacity (4)",
+      [&] { layer.forward(x.data(), 5, layer_ring, y.data()); });
+  add("Attention::forward (Eigen)", "more tokens than the ring serves as queries", "n_tokens (3) is too many queries",
+      [&] { layer.forward(RowMatrix::Zero(3, 16), layer_ring); });
   add("Attention::forward (pointer)", "n_tokens -1", "n_tokens (-1) must be >= 0",
       [&] { layer.forward(x.data(), -1, layer_cache, y.data()); });
   add("Attention::forward (pointer)", "x null", "x is null but its length is 1",
@@ -459,6 +479,7 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     INFO("after entry point: " << rows[i].entry << " / " << rows[i].argument);
     CHECK(CacheState(cache) == cache_before);  // every row, not only the cache rows
     CHECK(CacheState(layer_cache) == layer_cache_before);
+    CHECK(CacheState(layer_ring) == layer_ring_before);
     CHECK((layer.wq() == wq && layer.wk() == wk && layer.wv() == wv && layer.wo() == wo));
     CHECK(!layer.rope().enabled);
   }

@@ -574,3 +574,24 @@ TEST_CASE("denormal inputs give the reference's results without NaN or inf or fl
       }
   });
 }
+
+TEST_CASE("a softcap too small for its reciprocal in fp32 still gives the reference's result", "[edge][softcap]") {
+  // Below 1 / FLT_MAX the reciprocal the kernels multiply by is infinite, so a zero logit
+  // would become 0 * inf = NaN. q = 0 makes every logit exactly zero; random q makes every
+  // other logit saturate the cap. Large caps (reciprocals near the denormal range) too.
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (const HeadLayout& layout : {HeadLayout{4, 4, 16}, HeadLayout{8, 2, 17}, HeadLayout{8, 1, 64}})
+      for (bool zero_q : {true, false}) {
+        Problem p(layout, 3, 40, 211);
+        if (zero_q) std::fill(p.q.begin(), p.q.end(), 0.f);
+        for (float softcap : {1e-45f, 1e-40f, 2e-39f, std::numeric_limits<float>::min(), 3e38f}) {
+          AttentionOptions options;
+          options.softcap = softcap;
+          options.causal = true;
+          INFO("softcap " << softcap << (zero_q ? ", q = 0" : ", random q"));
+          check_paths<Isa>(p, options);
+        }
+      }
+  });
+}

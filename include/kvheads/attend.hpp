@@ -92,6 +92,41 @@ inline AttendArgs<float> plain_args(const float* q, const float* k, const float*
   return args;
 }
 
+/// The window a ring attends with: its own, or a narrower one the caller asks for.
+template <class T>
+int ring_window(const KvCache<T>& cache, const AttentionOptions& options) {
+  return options.window > 0 ? std::min(options.window, cache.window()) : cache.window();
+}
+
+/// Throws unless a ring whose oldest kept key is at first_key_position still holds every
+/// key that q_len queries from first_query_pos on may see through `window`.
+/// `name`: what the caller calls the query count.
+template <class T>
+void require_ring_keeps_window(const KvCache<T>& cache, const char* name, int q_len, std::ptrdiff_t first_query_pos,
+                               std::ptrdiff_t first_key_position, int window) {
+  const std::ptrdiff_t oldest_needed = std::max<std::ptrdiff_t>(0, first_query_pos - window + 1);
+  if (q_len > 0 && oldest_needed < first_key_position)
+    throw_invalid(name, " (", q_len, ") is too many queries for a ring cache of capacity ", cache.capacity(),
+                  " and window ", window, ": at most ", cache.capacity() - window + 1,
+                  " (make the ring with more max_queries)");
+}
+
+/// For calls that append n_tokens to a ring and then attend with them as the queries
+/// (Attention::forward): throws, before anything is appended, when that attend would.
+template <class T>
+void require_ring_can_attend_new(const KvCache<T>& cache, int n_tokens, const AttentionOptions& options) {
+  if (!cache.is_ring() || n_tokens == 0) return;
+  if (n_tokens > cache.capacity())
+    throw_invalid("n_tokens (", n_tokens, ") must not exceed the ring cache's capacity (", cache.capacity(),
+                  "): the queries sit at the last n_tokens cached positions");
+  // The append keeps the newest `capacity` tokens: positions from
+  // max(first_position, position + n_tokens - capacity) on.
+  const std::ptrdiff_t position = std::ptrdiff_t(cache.position());
+  const std::ptrdiff_t first_after =
+      std::max<std::ptrdiff_t>(std::ptrdiff_t(cache.first_position()), position + n_tokens - cache.capacity());
+  require_ring_keeps_window(cache, "n_tokens", n_tokens, position, first_after, ring_window(cache, options));
+}
+
 template <class T>
 AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, float* out,
                          const AttentionOptions& options, float* lse) {
@@ -130,12 +165,8 @@ AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, flo
   }
   // A ring attends with its window (or a narrower one the caller asks for), and every
   // key a query may see must still be in the ring.
-  args.window = options.window > 0 ? std::min(options.window, cache.window()) : cache.window();
-  const std::ptrdiff_t oldest_needed = std::max<std::ptrdiff_t>(0, args.first_query_pos - args.window + 1);
-  if (q_len > 0 && oldest_needed < args.first_key_position)
-    throw_invalid("q_len (", q_len, ") is too many queries for a ring cache of capacity ", cache.capacity(),
-                  " and window ", args.window, ": at most ", cache.capacity() - args.window + 1,
-                  " (make the ring with more max_queries)");
+  args.window = ring_window(cache, options);
+  require_ring_keeps_window(cache, "q_len", q_len, args.first_query_pos, args.first_key_position, args.window);
   const std::ptrdiff_t capacity = cache.capacity();
   const std::ptrdiff_t first_slot = args.first_key_position % capacity;
   const std::ptrdiff_t before_wrap = std::min(args.kv_len, capacity - first_slot);

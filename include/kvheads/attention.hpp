@@ -98,7 +98,8 @@ class Attention {
   /// K/V to the cache, attends (the new tokens sit at the cache's last positions) and applies
   /// the output projection into out [n_tokens][d_model]. With RoPE enabled, Q and K are rotated
   /// after projection, token t at absolute position cache.position() + t (before the append).
-  /// Throws (cache unchanged) on a layout mismatch or a full cache.
+  /// Throws (cache unchanged) on a layout mismatch, a full cache, or more tokens than a
+  /// ring cache can take as queries.
   void forward(const float* x, int n_tokens, Cache& cache, float* out, const AttentionOptions& options = {}) const {
     if (n_tokens < 0) detail::throw_invalid("n_tokens (", n_tokens, ") must be >= 0");
     detail::require_pointer(x, n_tokens, "x");
@@ -112,6 +113,7 @@ class Attention {
     if (fixed_capacity && n_tokens > cache.capacity() - cache.size())
       detail::throw_length("cannot append ", n_tokens, " tokens to a cache holding ", cache.size(), " of ",
                            cache.capacity(), " (capacity exceeded)");
+    detail::require_ring_can_attend_new(cache, n_tokens, options);
     if (n_tokens == 0) return;
     const std::size_t n = std::size_t(n_tokens);
     std::vector<float> q(n * std::size_t(layout_.q_width()));
@@ -124,9 +126,10 @@ class Attention {
     if (rope_.enabled)
       detail::apply_rope(q.data(), layout_.q_heads, k.data(), layout_.kv_heads, n_tokens, layout_.head_dim,
                          cache.position(), rope_);
-    cache.append(k.data(), v.data(), n_tokens);
     // A separate output buffer: tasks of other heads still read their queries from q.
+    // Allocated before the append, so that running out of memory leaves the cache as it was.
     std::vector<float> attended(q.size());
+    cache.append(k.data(), v.data(), n_tokens);
     detail::dispatch_fused_static<simd::default_isa, HeadDim, GroupSize>(
         detail::cache_args(q.data(), n_tokens, cache, attended.data(), options, nullptr));
     detail::project(attended.data(), n_tokens, wo_, out);

@@ -28,11 +28,15 @@ struct HeadLayout {
   constexpr std::ptrdiff_t q_width() const { return std::ptrdiff_t(q_heads) * head_dim; }
   /// Floats in one token's keys (or values): kv_heads * head_dim.
   constexpr std::ptrdiff_t kv_width() const { return std::ptrdiff_t(kv_heads) * head_dim; }
-  /// KV head read by query head `q_head`.
-  constexpr int kv_head_of(int q_head) const { return q_head / group_size(); }
+  /// KV head read by query head `q_head` (std::invalid_argument for an invalid layout,
+  /// which has no such head).
+  constexpr int kv_head_of(int q_head) const {
+    validate();
+    return q_head / group_size();
+  }
 
   /// Throws std::invalid_argument naming the bad field.
-  void validate() const {
+  constexpr void validate() const {
     if (q_heads <= 0) detail::throw_invalid("q_heads (", q_heads, ") must be positive");
     if (kv_heads <= 0) detail::throw_invalid("kv_heads (", kv_heads, ") must be positive");
     if (head_dim <= 0) detail::throw_invalid("head_dim (", head_dim, ") must be positive");

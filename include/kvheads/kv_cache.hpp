@@ -117,6 +117,9 @@ class KvCache {
   static KvCache ring(HeadLayout layout, int window, int max_queries = 1) {
     if (max_queries <= 0) detail::throw_invalid("max_queries (", max_queries, ") must be positive");
     if (window <= 0) detail::throw_invalid("ring window (", window, ") must be positive");
+    if (std::int64_t(window) + max_queries - 1 > std::numeric_limits<int>::max())
+      detail::throw_invalid("ring window (", window, ") + max_queries (", max_queries, ") - 1 must be at most ",
+                            std::numeric_limits<int>::max(), " tokens");
     CacheOptions options;
     options.window = window;
     return KvCache(layout, window + max_queries - 1, options);
@@ -172,9 +175,10 @@ class KvCache {
   }
 
   /// Linear caches: makes room for at least `capacity` tokens, keeping every cached token
-  /// (std::invalid_argument for a ring or a capacity above INT_MAX).
+  /// (std::invalid_argument for a ring or a capacity below 0 or above INT_MAX).
   void reserve(std::int64_t capacity) {
     if (is_ring()) detail::throw_invalid("a ring cache (window ", options_.window, ") cannot be resized");
+    if (capacity < 0) detail::throw_invalid("cache capacity (", capacity, ") must be >= 0");
     if (capacity > std::int64_t(std::numeric_limits<int>::max()))
       detail::throw_invalid("cache capacity (", capacity, ") must be at most ", std::numeric_limits<int>::max());
     if (capacity <= capacity_) return;

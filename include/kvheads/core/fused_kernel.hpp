@@ -979,7 +979,10 @@ class FusedTask {
           alibi(args.alibi_slopes != nullptr),
           mask(masked),
           cap(Isa::broadcast(args.softcap)),
-          inverse_cap(Isa::broadcast(args.softcap > 0.f ? 1.f / args.softcap : 0.f)),
+          // Clamped: below 1 / FLT_MAX the reciprocal would be infinite, and a zero logit
+          // times it NaN; every other logit saturates tanh either way.
+          inverse_cap(Isa::broadcast(
+              args.softcap > 0.f ? float(std::min(1.0 / args.softcap, double(std::numeric_limits<float>::max()))) : 0.f)),
           minus_inf(Isa::broadcast(neg_inf)) {}
 
     bool any() const { return softcap || alibi || mask; }
