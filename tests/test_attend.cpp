@@ -81,9 +81,11 @@ TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile 
   }
   // head_dim below, at and above the vector widths (1, 4, 8, 16); query rows
   // (group_size x q_len) below, at and above the row tiles; key counts around the 64-key
-  // (staged) and 128-key (many rows) blocks and the 256-key block (few rows, decode).
-  const std::vector<std::pair<int, int>> lengths = {{1, 1},    {1, 2},     {2, 17},  {5, 63},  {17, 64},
-                                                    {1, 65},   {65, 129},  {1, 256}, {2, 257}, {3, 1000}};
+  // (staged) and 128-key (many rows) blocks and the few-row (decode) block: 256 keys, 1024
+  // with 16-float vectors.
+  const std::vector<std::pair<int, int>> lengths = {{1, 1},    {1, 2},    {2, 17},   {5, 63},    {17, 64},
+                                                    {1, 65},   {65, 129}, {1, 256},  {2, 257},   {3, 1000},
+                                                    {1, 1024}, {2, 1025}};
   for (int threads : {1, 2})
     for (int head_dim : {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 80})
       for (const HeadLayout& layout : {HeadLayout{3, 3, head_dim}, HeadLayout{8, 4, head_dim}, HeadLayout{12, 4, head_dim},
@@ -107,14 +109,14 @@ TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows 
   if (!kvheads::simd::cpu_supports<Isa>()) return;
   // Few-row (decode) tasks whose head_dim rows exceed the P.V register tile (on 16-register
   // ISAs the rest of the row accumulates in L1, in 32-key tiles when several rows share
-  // them), over several 256-key blocks with the next block requested ahead, and tails of
-  // both: 1000 keys = 3 x 256 + 7 x 32 + 8. One row (MHA), two and four rows (GQA), and
-  // q_len 2 for rows of two positions.
+  // them), over several key blocks with the next block requested ahead, and tails of
+  // both: 2600 keys = 2 x 1024 + 17 x 32 + 8 (16-float vectors) or 10 x 256 + 32 + 8. One
+  // row (MHA), two and four rows (GQA), and q_len 2 for rows of two positions.
   for (int threads : {1, 2})
     for (int head_dim : {72, 128, 131})
       for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{8, 2, head_dim}})
         for (int q_len : {1, 2}) {
-          const Problem p(layout, q_len, 1000, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
+          const Problem p(layout, q_len, 2600, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
           for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
             options.threads = threads;
             check_against_reference<Isa>(p, options);

@@ -195,11 +195,20 @@ struct Tiling {
   /// fp32 rows read straight from memory take longer blocks: many-row tasks 128, whose
   /// by-rows micro-kernels touch only a few rows' lines at a time (against 64: MQA
   /// decode of 16384 keys -7% median, causal GQA-8 prefill of 2048 -4%, alternating
-  /// runs); few-row (decode) tasks 256: longer runs per stream let the prefetchers keep
-  /// the memory bus busy (MHA decode at 16384 keys: 27.3 -> 22.8 ms, side by side).
+  /// runs); few-row (decode) tasks longer still: each phase of a block reads one K or V
+  /// stream, and the longer that run, the less the switch between the two costs. 256
+  /// keys against 64 took MHA decode at 16384 keys 27.3 -> 22.8 ms (side by side). With
+  /// 16-float vectors, 1024 (512 KiB of K and of V per block at head_dim 128, within a
+  /// 1 MiB L2 for the later P.V passes): on Zen 5, scratch driver pinned to one core,
+  /// alternating builds, GQA-8 decode of 16384 keys 0.87-0.93x time against 256 (Q.K
+  /// 34-38 -> 30-32 and P.V 34-37 -> 31-33 TSC cycles per key and KV head), MHA
+  /// 0.83-0.92x, GQA-16 0.92-0.94x, 4096 keys 0.88-0.93x, in cache 0.95x; 512 keys
+  /// gained half as much and 2048 no more. The AVX2 build on the same core was 3-24%
+  /// slower with 1024 (its passes request the next block ahead, so a block's rows take
+  /// twice the L2), so narrower vectors keep 256; NEON is unmeasured and keeps it too.
   static constexpr int key_block = 64;
   static constexpr int key_block_many = 128;
-  static constexpr int key_block_few = 256;
+  static constexpr int key_block_few = width >= 16 ? 1024 : 256;
   /// Q.K by rows: up to qk_row_vecs row vectors x qk_keys keys (2 x 8: 16 accumulators).
   static constexpr int qk_row_vecs = 2;
   static constexpr int qk_keys = many_registers ? 8 : 4;
@@ -616,11 +625,18 @@ class FusedTask {
         query_tile_(query_tile),
         dim_padded_(round_up(args.layout.head_dim, width)) {}
 
+  /// Logits of one block: [rows_padded][key_block] of the many-row or staged layouts, or
+  /// few-row ones (at most half a vector of rows) a key_block_few row each.
+  static std::size_t logit_floats(int rows_padded) {
+    const int key_block_rows = std::max(Tiling<Isa>::key_block, Tiling<Isa>::key_block_many);
+    return std::max(std::size_t(key_block_rows) * std::size_t(rows_padded), std::size_t(Tiling<Isa>::key_block_few) * width);
+  }
+
   /// Scratch floats one task needs (for the largest tile).
   std::size_t scratch_floats() const {
     const int rows_padded = round_up(group_.get() * query_tile_, width);
     const std::size_t queries = std::size_t(std::max(head_dim_.get() * rows_padded, group_.get() * query_tile_ * dim_padded_));
-    return queries + std::size_t(max_key_block) * rows_padded + std::size_t(rows_padded) * dim_padded_ +
+    return queries + logit_floats(rows_padded) + std::size_t(rows_padded) * dim_padded_ +
            std::size_t(rows_padded) * 8 + 2 * std::size_t(Tiling<Isa>::key_block) * dim_padded_;  // staging
   }
 
@@ -655,7 +671,7 @@ class FusedTask {
     // Scratch layout.
     float* queries_buf = scratch;
     float* logits = queries_buf + std::max(head_dim * rows_padded, rows * dim_padded_);
-    float* acc = logits + std::ptrdiff_t(max_key_block) * rows_padded;
+    float* acc = logits + logit_floats(rows_padded);
     float* row_max = acc + std::ptrdiff_t(rows_padded) * dim_padded_;
     float* row_sum = row_max + rows_padded;
     float* row_scale = row_sum + rows_padded;
