@@ -202,10 +202,12 @@ struct Tiling {
   /// 1 MiB L2 for the later P.V passes): on Zen 5, scratch driver pinned to one core,
   /// alternating builds, GQA-8 decode of 16384 keys 0.87-0.93x time against 256 (Q.K
   /// 34-38 -> 30-32 and P.V 34-37 -> 31-33 TSC cycles per key and KV head), MHA
-  /// 0.83-0.92x, GQA-16 0.92-0.94x, 4096 keys 0.88-0.93x, in cache 0.95x; 512 keys
-  /// gained half as much and 2048 no more. The AVX2 build on the same core was 3-24%
-  /// slower with 1024 (its passes request the next block ahead, so a block's rows take
-  /// twice the L2), so narrower vectors keep 256; NEON is unmeasured and keeps it too.
+  /// 0.83-0.92x, GQA-16 0.92-0.94x, 4096 keys 0.88-0.93x, in cache 0.95x; GQA-8 at
+  /// head_dim 64 (32768 keys) 0.78-0.81x and at 256 (8192 keys, 1 MiB of V per block)
+  /// 0.88-1.00x; 512 keys gained half as much and 2048 no more. The AVX2 build on the
+  /// same core was 3-24% slower with 1024 (its passes request the next block ahead, so a
+  /// block's rows take twice the L2), so narrower vectors keep 256; NEON is unmeasured
+  /// and keeps it too.
   static constexpr int key_block = 64;
   static constexpr int key_block_many = 128;
   static constexpr int key_block_few = width >= 16 ? 1024 : 256;
@@ -629,7 +631,8 @@ class FusedTask {
   /// few-row ones (at most half a vector of rows) a key_block_few row each.
   static std::size_t logit_floats(int rows_padded) {
     const int key_block_rows = std::max(Tiling<Isa>::key_block, Tiling<Isa>::key_block_many);
-    return std::max(std::size_t(key_block_rows) * std::size_t(rows_padded), std::size_t(Tiling<Isa>::key_block_few) * width);
+    return std::max(std::size_t(key_block_rows) * std::size_t(rows_padded),
+                    std::size_t(Tiling<Isa>::key_block_few) * width);
   }
 
   /// Scratch floats one task needs (for the largest tile).
@@ -997,8 +1000,9 @@ class FusedTask {
           cap(Isa::broadcast(args.softcap)),
           // Clamped: below 1 / FLT_MAX the reciprocal would be infinite, and a zero logit
           // times it NaN; every other logit saturates tanh either way.
-          inverse_cap(Isa::broadcast(
-              args.softcap > 0.f ? float(std::min(1.0 / args.softcap, double(std::numeric_limits<float>::max()))) : 0.f)),
+          inverse_cap(Isa::broadcast(args.softcap > 0.f ? float(std::min(1.0 / double(args.softcap),
+                                                                          double(std::numeric_limits<float>::max())))
+                                                        : 0.f)),
           minus_inf(Isa::broadcast(neg_inf)) {}
 
     bool any() const { return softcap || alibi || mask; }
