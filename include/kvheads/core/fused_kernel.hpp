@@ -88,7 +88,10 @@ inline void add_sink(float* row, float& lse, float sink, int head_dim) {
   const float row_weight = std::exp(lse - max);  // 0 when the row saw no key
   const float sink_weight = std::exp(sink - max);
   const float keep = row_weight / (row_weight + sink_weight);
-  for (int d = 0; d < head_dim; ++d) row[d] = keep != 0.f ? row[d] * keep : 0.f;
+  // A row that saw no key stays zeros; one whose weight underflowed next to the sink
+  // still multiplies, so a NaN in it stays (as in the reference).
+  const bool saw_keys = lse != -std::numeric_limits<float>::infinity();
+  for (int d = 0; d < head_dim; ++d) row[d] = saw_keys ? row[d] * keep : 0.f;
   lse = max + std::log(row_weight + sink_weight);
 }
 

@@ -67,10 +67,11 @@ inline float merge_partial(const float* out_a, float lse_a, const float* out_b, 
   const float scale_a = weight_a / total;
   const float scale_b = weight_b / total;
   for (std::ptrdiff_t i = 0; i < head_dim; ++i) {
-    // Skip a weightless side explicitly so its (possibly uninitialised-looking) zeros or
-    // NaN-free garbage never leak: 0 * NaN would be NaN.
-    const float a = scale_a != 0.f ? scale_a * out_a[i] : 0.f;
-    const float b = scale_b != 0.f ? scale_b * out_b[i] : 0.f;
+    // Skip only a side that saw no key (its output is not a result). A side whose weight
+    // merely underflowed to 0 still adds: a NaN in it makes the row NaN, as in the
+    // reference, where that weight is tiny but not 0.
+    const float a = lse_a != neg_inf ? scale_a * out_a[i] : 0.f;
+    const float b = lse_b != neg_inf ? scale_b * out_b[i] : 0.f;
     out[i] = a + b;
   }
   return max + std::log(total);
