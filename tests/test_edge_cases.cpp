@@ -303,6 +303,50 @@ TEST_CASE("NaN in a visible value whose weight underflows to 0 in fp32 still mak
   });
 }
 
+TEST_CASE("NaN in a key split or row whose whole weight underflows next to another part or a sink stays NaN",
+          "[edge][nan][split][sinks]") {
+  // Long decodes are split over keys and merged by log-sum-exp; a sink joins a row the
+  // same way. Here every key but the last five has logit -200 and the NaN value sits at
+  // key 3, so the splits without the last keys (or, with a sink of 0 and no logit-0 key,
+  // the whole row) carry a NaN whose fp32 weight in the merge is exactly 0. The
+  // double-precision reference gives a tiny weight times NaN = NaN, so the row must be
+  // NaN: a merge may leave out only a part that saw no key. Lengths of 1100 and 2200 keys
+  // are split on 1 thread (MQA) and on 2 (every layout), and split by chunks on the plain
+  // path (MHA, GQA).
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (const HeadLayout& layout : {HeadLayout{4, 4, 8}, HeadLayout{8, 2, 8}, HeadLayout{8, 1, 8}})
+      for (int q_len : {1, 3})
+        for (int kv_len : {1100, 2200})
+          for (bool with_sink : {false, true}) {
+            Problem p(layout, q_len, kv_len, 7);
+            // One-hot queries and keys on dim 0: logit -200 for every key, 0 for the last
+            // five unless a sink (logit 0) stands in for them.
+            std::fill(p.q.begin(), p.q.end(), 0.f);
+            std::fill(p.k.begin(), p.k.end(), 0.f);
+            for (int i = 0; i < q_len; ++i)
+              for (int h = 0; h < layout.q_heads; ++h) at(p.q, layout, layout.q_heads, i, h, 0) = 1.f;
+            const int far_end = with_sink ? kv_len : kv_len - 5;
+            for (int j = 0; j < far_end; ++j)
+              for (int g = 0; g < layout.kv_heads; ++g) at(p.k, layout, layout.kv_heads, j, g, 0) = -200.f;
+            for (int g = 0; g < layout.kv_heads; ++g) at(p.v, layout, layout.kv_heads, 3, g, 0) = kNaN;
+            const std::vector<float> sinks(std::size_t(layout.q_heads), 0.f);
+            AttentionOptions options;
+            options.scale = 1.f;
+            if (with_sink) options.sinks = sinks.data();
+            check_paths<Isa>(p, options);
+            for (int threads : {1, 2}) {
+              options.threads = threads;
+              INFO(describe(layout, q_len, kv_len, options) << " isa " << Isa::name);
+              check_nan_rows(run_plain<Isa>(p, options).out, layout, q_len, [](int, int) { return true; },
+                             "NaN in an underflowed split, plain");
+              check_nan_rows(run_cache<Isa>(p, options).out, layout, q_len, [](int, int) { return true; },
+                             "NaN in an underflowed split, cache");
+            }
+          }
+  });
+}
+
 TEST_CASE("NaN or inf in a masked-out key or value changes nothing", "[edge][nan][mask]") {
   // Causal prefill: key `bad` is in the future of the first rows of the same key block and
   // query tile, so the kernel loads it for the tile but must give it no weight at all
