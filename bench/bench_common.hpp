@@ -214,6 +214,23 @@ class MachineLimits {
 
   bool measured() const { return !fma_.empty(); }
 
+  /// The two limits that bound one case, measured now in one short burst (best of two
+  /// runs after a warm-up run, each of the read runs at least 256 MiB and each FMA run
+  /// ~5-10 ms): read bandwidth over the first `bytes` of `buffer` and the FMA peak, on
+  /// `threads` threads. For rounds that alternate the limits with a case's own calls, so
+  /// each ratio divides two figures taken within a fraction of a second of each other.
+  struct Burst {
+    double read_gbps = 0;
+    double fma_gflops = 0;
+  };
+  static Burst measure_burst(const float* buffer, std::size_t bytes, int threads) {
+    constexpr int kRepetitions = 2;
+    constexpr std::size_t kBurstBytesPerRun = std::size_t(256) << 20;
+    constexpr std::int64_t kBurstFmaSteps = std::int64_t(1) << 20;
+    return {measure_read_gbps(buffer, bytes / sizeof(float), threads, kRepetitions, kBurstBytesPerRun).wall,
+            measure_fma_gflops(threads, kRepetitions, kBurstFmaSteps).wall};
+  }
+
   /// The limits as a small table: by wall time, then by CPU time.
   void print(std::FILE* out, const char* title = "Machine limits measured in this run") const {
     std::fprintf(out, "%s (ISA %s, %d floats per vector, best of runs):\n", title, Isa::name, Isa::width);
@@ -289,23 +306,27 @@ class MachineLimits {
   /// The better of two loops: the plain sum and the sum with the decode kernels'
   /// page-ahead requests (see sum_floats), each timed on its own, so no kernel is held to
   /// a bandwidth its own requests beat.
-  static Rates measure_read_gbps(const float* buffer, std::size_t n, int threads, int repetitions) {
+  // Small sets are summed several times per run so one run lasts long enough to time
+  // well (>= ~5 ms even at L2 speed; a sub-millisecond run is at the mercy of one
+  // interrupt and of the CPU clock's accounting granularity).
+  static constexpr std::size_t kMinBytesPerRun = std::size_t(1) << 30;
+  static constexpr std::int64_t kFmaSteps = std::int64_t(1) << 22;  // ~20-40 ms per run
+
+  static Rates measure_read_gbps(const float* buffer, std::size_t n, int threads, int repetitions,
+                                 std::size_t min_bytes_per_run = kMinBytesPerRun) {
     using Page = kvheads::detail::PageAhead;
     constexpr std::ptrdiff_t step_bytes = kSumVectors * Isa::width * std::ptrdiff_t(sizeof(float));
-    const Rates plain = measure_sum_gbps(buffer, n, threads, repetitions, Page{});
+    const Rates plain = measure_sum_gbps(buffer, n, threads, repetitions, Page{}, min_bytes_per_run);
     const Rates ahead = measure_sum_gbps(buffer, n, threads, repetitions,
-                                         Page::rows(step_bytes, kvheads::detail::Tiling<Isa>::pages_ahead_few));
+                                         Page::rows(step_bytes, kvheads::detail::Tiling<Isa>::pages_ahead_few),
+                                         min_bytes_per_run);
     return {std::max(plain.wall, ahead.wall), std::max(plain.cpu, ahead.cpu)};
   }
 
   static Rates measure_sum_gbps(const float* buffer, std::size_t n, int threads, int repetitions,
-                                kvheads::detail::PageAhead pages) {
-    // Small sets are summed several times per run so one run lasts long enough to time
-    // well (>= ~5 ms even at L2 speed; a sub-millisecond run is at the mercy of one
-    // interrupt and of the CPU clock's accounting granularity).
-    constexpr std::size_t kMinBytesPerRun = std::size_t(1) << 30;
+                                kvheads::detail::PageAhead pages, std::size_t min_bytes_per_run) {
     const std::size_t bytes = n * sizeof(float);
-    const std::size_t passes = std::max<std::size_t>(1, (kMinBytesPerRun + bytes - 1) / bytes);
+    const std::size_t passes = std::max<std::size_t>(1, (min_bytes_per_run + bytes - 1) / bytes);
     std::vector<float> sinks(static_cast<std::size_t>(threads));
     Best best;
     for (int rep = 0; rep < repetitions + 1; ++rep) {  // +1: the first run warms caches/TLB
@@ -325,19 +346,18 @@ class MachineLimits {
     return best.rates(double(bytes) * double(passes) / kGiga);
   }
 
-  static Rates measure_fma_gflops(int threads, int repetitions) {
-    constexpr std::int64_t kSteps = std::int64_t(1) << 22;  // ~20-40 ms per run
+  static Rates measure_fma_gflops(int threads, int repetitions, std::int64_t steps = kFmaSteps) {
     volatile float seed = 0.5f;                              // unknown to the compiler
     const float start = seed;
     std::vector<float> sinks(static_cast<std::size_t>(threads));
     Best best;
     for (int rep = 0; rep < repetitions + 1; ++rep) {  // +1: the first run lets clocks settle
       const RunTime time =
-          run_on_threads(threads, [&](int t) { sinks[std::size_t(t)] = fma_chains<Isa>(kSteps, start + float(t)); });
+          run_on_threads(threads, [&](int t) { sinks[std::size_t(t)] = fma_chains<Isa>(steps, start + float(t)); });
       if (rep > 0) best.add(time, threads);
     }
     benchmark::DoNotOptimize(sinks.data());
-    const double flops = double(threads) * double(kSteps) * kFmaChains * Isa::width * 2.0;
+    const double flops = double(threads) * double(steps) * kFmaChains * Isa::width * 2.0;
     return best.rates(flops / kGiga);
   }
 
