@@ -116,6 +116,27 @@ TEST_CASE("compile-time sizes and Dynamic sizes give the same results", "[attent
   STATIC_REQUIRE(kvheads::GQA<32, 8, 128>::GroupSize == 4);
 }
 
+TEST_CASE("the Eigen forward overload takes a block of columns of a wider matrix", "[attention]") {
+  // An Eigen::Ref binds such a block in place, its rows further apart than d_model.
+  const int d_model = 16;
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 4}, HeadLayout{4, 2, 4}, HeadLayout{4, 1, 4}})
+    for (int tokens : {1, 2, 17}) {
+      INFO(describe(layout, tokens, tokens, AttentionOptions{}));
+      kvheads::Attention<float> layer(d_model, layout);
+      randomise(layer, 8);
+      const RowMatrix wide = Eigen::Map<const RowMatrix>(random_vector(std::size_t(tokens) * 3 * d_model, 4).data(),
+                                                         tokens, 3 * d_model);
+      const RowMatrix x = wide.middleCols(d_model, d_model);
+      auto cache_block = layer.make_cache(tokens), cache_copy = layer.make_cache(tokens);
+      const RowMatrix via_block = layer.forward(wide.middleCols(d_model, d_model), cache_block);
+      const RowMatrix via_copy = layer.forward(x, cache_copy);
+      CHECK(via_block == via_copy);
+      const std::vector<float> expected =
+          reference_layer(layer, std::vector<float>(x.data(), x.data() + x.size()), tokens, AttentionOptions{});
+      CHECK(relative_error(std::vector<float>(via_block.data(), via_block.data() + via_block.size()), expected) <= 1e-5);
+    }
+}
+
 TEST_CASE("the Eigen forward overload maps its input without copies and matches the pointer one", "[attention]") {
   kvheads::Attention<float> layer(16, HeadLayout{4, 2, 4});
   randomise(layer, 6);

@@ -384,6 +384,31 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
       [&] { layer.forward(RowMatrix::Zero(2, 16), layer_cache); }, Throws::length_error);
   add("Attention::forward (Eigen)", "bad options", "scale (-1)",
       [&] { layer.forward(RowMatrix::Zero(1, 16), layer_cache, with([](auto& o) { o.scale = -1.f; })); });
+  // A weight given another shape through its accessor (on a copy of the layer, so the
+  // table's check of the layer's weights still holds): forward throws before any work.
+  const auto reshaped = [&](RowMatrix& (*weight)(kvheads::Attention<float>&), Eigen::Index rows, Eigen::Index cols,
+                            bool eigen) {
+    kvheads::Attention<float> copy = layer;
+    weight(copy) = RowMatrix::Zero(rows, cols);
+    if (eigen)
+      copy.forward(RowMatrix::Zero(1, 16), layer_cache);
+    else
+      copy.forward(x.data(), 1, layer_cache, y.data());
+  };
+  add("Attention::forward (pointer)", "wq resized through wq()", "wq is 16x31 (expected 16x32)", [&] {
+    reshaped([](kvheads::Attention<float>& l) -> RowMatrix& { return l.wq(); }, 16, 31, false);
+  });
+  add("Attention::forward (pointer)", "wk resized through wk()", "wk is 17x16 (expected 16x16)", [&] {
+    reshaped([](kvheads::Attention<float>& l) -> RowMatrix& { return l.wk(); }, 17, 16, false);
+  });
+  add("Attention::forward (pointer)", "wv emptied through wv()", "wv is 0x0 (expected 16x16)", [&] {
+    reshaped([](kvheads::Attention<float>& l) -> RowMatrix& { return l.wv(); }, 0, 0, false);
+  });
+  add("Attention::forward (Eigen)", "wo resized through wo()", "wo is 32x64 (expected 32x16)", [&] {
+    reshaped([](kvheads::Attention<float>& l) -> RowMatrix& { return l.wo(); }, 32, 64, true);
+  });
+  add("Attention(layout, wq, wk, wv, wo)", "wq with no rows", "wq has 0 rows (expected d_model, in [1, ",
+      [&] { kvheads::Attention<float>(layout, RowMatrix(0, 32), wk, wv, wo); });
   add("Attention::forward (pointer)", "a cache of another layout",
       "cache layout (q_heads 4, kv_heads 1, head_dim 8) does not match the attention layout (q_heads 4, kv_heads 2, "
       "head_dim 8)",

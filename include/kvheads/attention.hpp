@@ -3,6 +3,7 @@
 // kernel and its KV cache). Sizes are template ints with a Dynamic sentinel, like Eigen's
 // Matrix; MHA, MQA and GQA are aliases of the one class.
 #include <cstddef>
+#include <limits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -48,9 +49,10 @@ class Attention {
   }
 
   /// Copies the four weights (shapes as in DESIGN.md; each checked against the layout).
+  /// d_model is wq's row count.
   Attention(HeadLayout layout, const Eigen::Ref<const RowMatrix>& wq, const Eigen::Ref<const RowMatrix>& wk,
             const Eigen::Ref<const RowMatrix>& wv, const Eigen::Ref<const RowMatrix>& wo)
-      : Attention(int(wq.rows()), layout) {
+      : Attention(d_model_of(wq), layout) {
     set_weights(wq, wk, wv, wo);
   }
 
@@ -69,6 +71,8 @@ class Attention {
 
   const HeadLayout& layout() const { return layout_; }
   int d_model() const { return d_model_; }
+  // The weights may be changed in place; a shape other than the one given here makes
+  // forward() throw, naming the weight.
   /// Wq [d_model][q_heads*head_dim].
   RowMatrix& wq() { return wq_; }
   const RowMatrix& wq() const { return wq_; }
@@ -98,12 +102,18 @@ class Attention {
   /// K/V to the cache, attends (the new tokens sit at the cache's last positions) and applies
   /// the output projection into out [n_tokens][d_model]. With RoPE enabled, Q and K are rotated
   /// after projection, token t at absolute position cache.position() + t (before the append).
-  /// Throws (cache unchanged) on a layout mismatch, a full cache, or more tokens than a
-  /// ring cache can take as queries.
+  /// Throws (cache unchanged) on a layout mismatch, a full cache, more tokens than a ring
+  /// cache can take as queries, or a weight whose shape was changed through its accessor.
   void forward(const float* x, int n_tokens, Cache& cache, float* out, const AttentionOptions& options = {}) const {
     if (n_tokens < 0) detail::throw_invalid("n_tokens (", n_tokens, ") must be >= 0");
     detail::require_pointer(x, n_tokens, "x");
     detail::require_pointer(out, n_tokens, "out");
+    // The accessors hand out the weights themselves, so their shapes are checked again here:
+    // the projections read and write by these shapes.
+    check_shape("wq", wq_, d_model_, layout_.q_width());
+    check_shape("wk", wk_, d_model_, layout_.kv_width());
+    check_shape("wv", wv_, d_model_, layout_.kv_width());
+    check_shape("wo", wo_, layout_.q_width(), d_model_);
     if (cache.layout() != layout_)
       detail::throw_invalid("cache layout (q_heads ", cache.layout().q_heads, ", kv_heads ", cache.layout().kv_heads,
                             ", head_dim ", cache.layout().head_dim, ") does not match the attention layout (q_heads ",
@@ -135,9 +145,18 @@ class Attention {
     detail::project(attended.data(), n_tokens, wo_, out);
   }
 
-  /// Eigen overload: x [n_tokens][d_model] -> returns [n_tokens][d_model].
+  /// Eigen overload: x [n_tokens][d_model] -> returns [n_tokens][d_model]. x may be any
+  /// row-major expression, e.g. a block of columns of a wider matrix.
   RowMatrix forward(const Eigen::Ref<const RowMatrix>& x, Cache& cache, const AttentionOptions& options = {}) const {
     if (x.cols() != d_model_) detail::throw_invalid("x has ", x.cols(), " columns (expected d_model = ", d_model_, ")");
+    if (x.rows() > std::numeric_limits<int>::max())
+      detail::throw_invalid("x has ", x.rows(), " rows (expected at most ", std::numeric_limits<int>::max(), ")");
+    // A Ref binds a block of a wider matrix in place, rows further apart than d_model;
+    // the pointer overload takes rows d_model apart, so such an x is copied first.
+    if (x.rows() > 1 && x.outerStride() != d_model_) {
+      const RowMatrix contiguous = x;
+      return forward(contiguous, cache, options);
+    }
     RowMatrix out(x.rows(), d_model_);
     forward(x.data(), int(x.rows()), cache, out.data(), options);
     return out;
@@ -152,6 +171,12 @@ class Attention {
                             layout.head_dim, ") does not match the compile-time sizes (", QHeads, ", ", KvHeads, ", ",
                             HeadDim, "; -1 = Dynamic)");
     return layout;
+  }
+  static int d_model_of(const Eigen::Ref<const RowMatrix>& wq) {
+    if (wq.rows() <= 0 || wq.rows() > std::numeric_limits<int>::max())
+      detail::throw_invalid("wq has ", wq.rows(), " rows (expected d_model, in [1, ", std::numeric_limits<int>::max(),
+                            "])");
+    return int(wq.rows());
   }
   static void check_shape(const char* name, const Eigen::Ref<const RowMatrix>& w, std::ptrdiff_t rows,
                           std::ptrdiff_t cols) {
