@@ -478,9 +478,9 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
       parse(file(~std::uint64_t(0), "{}", 0)));
   add("Safetensors::parse", "not JSON", "not valid JSON", parse(file(6, "{\"t\": ", 0)));
   add("Safetensors::parse", "JSON array", "must be a JSON object, got array", parse(file(6, "[1, 2]", 0)));
-  add("Safetensors::parse", "unknown dtype", "unknown dtype 'F64'",
-      parse(file(entry(R"("dtype": "F64", "shape": [1], "data_offsets": [0, 8])").size(),
-                 entry(R"("dtype": "F64", "shape": [1], "data_offsets": [0, 8])"), 8)));
+  add("Safetensors::parse", "unknown dtype", "unknown dtype 'F128'",
+      parse(file(entry(R"("dtype": "F128", "shape": [1], "data_offsets": [0, 16])").size(),
+                 entry(R"("dtype": "F128", "shape": [1], "data_offsets": [0, 16])"), 16)));
   add("Safetensors::parse", "negative shape", "shape[0] (-3) must be >= 0",
       parse(file(entry(R"("dtype": "F32", "shape": [-3], "data_offsets": [0, 8])").size(),
                  entry(R"("dtype": "F32", "shape": [-3], "data_offsets": [0, 8])"), 8)));

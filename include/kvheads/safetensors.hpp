@@ -37,7 +37,7 @@ namespace kvheads {
 /// One tensor of a safetensors file, owning its raw little-endian bytes.
 struct SafetensorsTensor {
   std::string name;
-  std::string dtype;                 // "F32", "F16" or "BF16"
+  std::string dtype;                 // "F32", "F16", "BF16", or any other dtype of the format (copied only)
   std::vector<std::int64_t> shape;   // empty = scalar
   std::vector<unsigned char> bytes;  // numel() * element size bytes
 
@@ -52,6 +52,8 @@ struct SafetensorsTensor {
 
 /// The largest header a reader accepts (the reference implementation's limit too).
 inline constexpr std::uint64_t kSafetensorsMaxHeader = 100'000'000;
+/// The most dimensions a tensor's shape may have (PyTorch's limit is lower still).
+inline constexpr std::size_t kSafetensorsMaxRank = 64;
 
 /// An in-memory safetensors file: tensors by name plus string metadata. Used both to read
 /// (parse/load) and to write (add/serialize/save); tensors are kept and written in name order,
@@ -97,11 +99,22 @@ class Safetensors {
 
 namespace detail {
 
-// Bytes per element of a dtype, 0 for an unknown one.
+// Bytes per element of a dtype of the format, 0 for an unknown one. Every dtype is read,
+// written and copied (a checkpoint may hold integer buffers such as position ids next to
+// its weights); F32, F16 and BF16 also convert to and from fp32.
 inline std::size_t safetensors_dtype_size(const std::string& dtype) {
-  if (dtype == "F32") return 4;
-  if (dtype == "F16" || dtype == "BF16") return 2;
+  if (dtype == "F32" || dtype == "I32" || dtype == "U32") return 4;
+  if (dtype == "F16" || dtype == "BF16" || dtype == "I16" || dtype == "U16") return 2;
+  if (dtype == "F64" || dtype == "I64" || dtype == "U64") return 8;
+  if (dtype == "BOOL" || dtype == "U8" || dtype == "I8" || dtype == "F8_E4M3" || dtype == "F8_E5M2") return 1;
   return 0;
+}
+inline constexpr const char* kSafetensorsDtypes =
+    "F64, F32, F16, BF16, F8_E5M2, F8_E4M3, I64, I32, I16, I8, U64, U32, U16, U8 or BOOL";
+
+// The dtypes whose values convert to and from fp32.
+inline bool safetensors_float_dtype(const std::string& dtype) {
+  return dtype == "F32" || dtype == "F16" || dtype == "BF16";
 }
 
 // A name or JSON fragment for an error message: quoted and cut short, so a hostile file
@@ -133,9 +146,12 @@ inline bool checked_numel(const std::vector<std::int64_t>& shape, std::int64_t& 
   return true;
 }
 
+// A shape for an error message, cut short after 16 dimensions like quote_text.
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  constexpr std::size_t kShown = 16;
   std::string out = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  for (std::size_t i = 0; i < shape.size() && i < kShown; ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  if (shape.size() > kShown) out += ", ... (" + std::to_string(shape.size()) + " dimensions)";
   return out + "]";
 }
 
@@ -143,7 +159,7 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
 inline std::size_t checked_tensor_bytes(const std::string& context, const std::string& dtype,
                                         const std::vector<std::int64_t>& shape) {
   const std::size_t element = safetensors_dtype_size(dtype);
-  if (element == 0) throw_invalid(context, ": unknown dtype ", quote_text(dtype), " (expected F32, F16 or BF16)");
+  if (element == 0) throw_invalid(context, ": unknown dtype ", quote_text(dtype), " (expected ", kSafetensorsDtypes, ")");
   for (std::size_t i = 0; i < shape.size(); ++i)
     if (shape[i] < 0) throw_invalid(context, ": shape[", i, "] (", shape[i], ") must be >= 0");
   std::int64_t count = 0;
@@ -159,31 +175,59 @@ inline std::uint64_t read_u64_le(const unsigned char* p) {
   return v;
 }
 
-// Parses the header JSON, rejecting duplicate keys at any level (nlohmann would silently keep
-// the last one) and nesting deeper than any valid header could need.
-inline nlohmann::json parse_header_json(const char* begin, const char* end) {
-  std::vector<std::set<std::string>> open_objects;  // keys seen in each open object
-  constexpr int kMaxDepth = 16;
-  auto callback = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    using Event = nlohmann::json::parse_event_t;
-    if (depth > kMaxDepth) throw_invalid("safetensors header nests deeper than ", kMaxDepth, " levels");
-    if (event == Event::object_start) {
-      open_objects.emplace_back();
-    } else if (event == Event::object_end) {
-      if (!open_objects.empty()) open_objects.pop_back();
-    } else if (event == Event::key && !open_objects.empty()) {
-      // A key event always belongs to the innermost open object.
-      if (!open_objects.back().insert(parsed.get_ref<const std::string&>()).second) {
-        const std::string& key = parsed.get_ref<const std::string&>();
-        if (open_objects.size() == 1) throw_invalid("safetensors header: duplicate tensor name ", quote_text(key));
-        throw_invalid("safetensors header: duplicate key ", quote_text(key), " in an object");
-      }
+// Checks the header's JSON before it is parsed into a DOM: duplicate keys at any level
+// (nlohmann's DOM would silently keep the last one) and nesting deeper than any valid
+// header could need. A SAX pass, linear in the header's length: nlohmann's parse callback,
+// which could do the same checks, takes time quadratic in the number of objects in one
+// array or object (3.11.2: a 240 KB header of empty objects took 3.3 s, 80,000 tensors
+// 140 s), so a small hostile file could hang the reader.
+class HeaderJsonCheck : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  using Json = nlohmann::json;
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(Json::number_integer_t) override { return true; }
+  bool number_unsigned(Json::number_unsigned_t) override { return true; }
+  bool number_float(Json::number_float_t, const Json::string_t&) override { return true; }
+  bool string(Json::string_t&) override { return true; }
+  bool binary(Json::binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return open(); }
+  bool end_object() override { return close(); }
+  bool start_array(std::size_t) override { return open(); }
+  bool end_array() override { return close(); }
+  bool key(Json::string_t& key) override {
+    // A key always belongs to the innermost open container, an object.
+    if (!open_.back().insert(key).second) {
+      if (open_.size() == 1) throw_invalid("safetensors header: duplicate tensor name ", quote_text(key));
+      throw_invalid("safetensors header: duplicate key ", quote_text(key), " in an object");
     }
     return true;
-  };
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& error) override {
+    throw_invalid("safetensors header is not valid JSON: ", error.what());
+  }
+
+ private:
+  static constexpr std::size_t kMaxDepth = 16;
+  // Keys seen in each open container (always empty for an array).
+  bool open() {
+    if (open_.size() >= kMaxDepth) throw_invalid("safetensors header nests deeper than ", kMaxDepth, " levels");
+    open_.emplace_back();
+    return true;
+  }
+  bool close() {
+    open_.pop_back();
+    return true;
+  }
+  std::vector<std::set<std::string>> open_;
+};
+
+inline nlohmann::json parse_header_json(const char* begin, const char* end) {
+  HeaderJsonCheck check;
+  nlohmann::json::sax_parse(begin, end, &check);
   try {
-    return nlohmann::json::parse(begin, end, callback);
-  } catch (const nlohmann::json::exception& error) {
+    return nlohmann::json::parse(begin, end);
+  } catch (const nlohmann::json::exception& error) {  // not expected after the check
     throw_invalid("safetensors header is not valid JSON: ", error.what());
   }
 }
@@ -215,6 +259,9 @@ inline std::int64_t SafetensorsTensor::numel() const {
 
 inline std::vector<float> SafetensorsTensor::to_f32() const {
   const std::size_t need = detail::checked_tensor_bytes("tensor " + detail::quote_text(name), dtype, shape);
+  if (!detail::safetensors_float_dtype(dtype))
+    detail::throw_invalid("tensor ", detail::quote_text(name), " has dtype ", dtype,
+                          ", which does not convert to fp32 (expected F32, F16 or BF16)");
   if (bytes.size() != need)
     detail::throw_invalid("tensor ", detail::quote_text(name), " holds ", bytes.size(), " bytes but shape ",
                           detail::shape_string(shape), " of ", dtype, " needs ", need);
@@ -238,6 +285,9 @@ inline std::vector<float> SafetensorsTensor::to_f32() const {
 inline SafetensorsTensor SafetensorsTensor::from_f32(std::string name, std::vector<std::int64_t> shape,
                                                      const float* data, const std::string& dtype) {
   const std::size_t need = detail::checked_tensor_bytes("tensor " + detail::quote_text(name), dtype, shape);
+  if (!detail::safetensors_float_dtype(dtype))
+    detail::throw_invalid("tensor ", detail::quote_text(name), ": dtype ", dtype,
+                          " cannot hold values converted from fp32 (expected F32, F16 or BF16)");
   const std::size_t element = detail::safetensors_dtype_size(dtype);
   const std::size_t n = need / element;
   detail::require_pointer(data, static_cast<long long>(n), "data");
@@ -308,11 +358,15 @@ inline Safetensors Safetensors::parse(const void* data, std::size_t size) {
     tensor.name = name;
     tensor.dtype = dtype_it->get<std::string>();
     if (detail::safetensors_dtype_size(tensor.dtype) == 0)
-      throw_invalid(context, ": unknown dtype ", quote_text(tensor.dtype), " (expected F32, F16 or BF16)");
+      throw_invalid(context, ": unknown dtype ", quote_text(tensor.dtype), " (expected ", detail::kSafetensorsDtypes,
+                    ")");
 
     const auto shape_it = entry.find("shape");
     if (shape_it == entry.end()) throw_invalid(context, ": missing \"shape\"");
     if (!shape_it->is_array()) throw_invalid(context, ": shape must be an array, got ", detail::json_excerpt(*shape_it));
+    if (shape_it->size() > kSafetensorsMaxRank)
+      throw_invalid(context, ": shape has ", shape_it->size(), " dimensions (at most ", kSafetensorsMaxRank,
+                    " are supported)");
     for (std::size_t i = 0; i < shape_it->size(); ++i)
       tensor.shape.push_back(detail::json_size((*shape_it)[i], context + ": shape[" + std::to_string(i) + "]"));
     const std::size_t need = detail::checked_tensor_bytes(context, tensor.dtype, tensor.shape);
@@ -364,6 +418,9 @@ inline Safetensors Safetensors::parse(const void* data, std::size_t size) {
 }
 
 inline Safetensors Safetensors::load(const std::string& path) {
+  std::error_code error;
+  if (std::filesystem::exists(path, error) && !std::filesystem::is_regular_file(path, error))
+    throw std::runtime_error(detail::concat("cannot read ", detail::quote_text(path, 1000), ": not a regular file"));
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(detail::concat("cannot open ", detail::quote_text(path, 1000), " for reading"));
   std::vector<unsigned char> file;
@@ -747,6 +804,11 @@ inline ConvertFileResult convert_checkpoint_file(const std::string& in_path, con
     if (detail::same_file(config_in, config_out))
       throw_invalid("the output config ", quote_text(config_out.string(), 1000),
                     " would overwrite the input config; write the output into another directory");
+    if (detail::same_file(out_file, config_in))
+      throw_invalid("output ", quote_text(out_path, 1000), " is the input config; write the result to a new file");
+    if (detail::same_file(out_file, config_out))
+      throw_invalid("output ", quote_text(out_path, 1000), " is where the updated config.json goes; name it ",
+                    "otherwise (e.g. model.safetensors)");
   }
   if (how.q_heads == 0)
     throw_invalid("the number of attention heads is unknown: give q_heads or a config.json with num_attention_heads");
