@@ -208,17 +208,33 @@ TEST_CASE("an MHA layer whose KV heads are equal within groups converts without 
     mha.wk().middleCols(h * head_dim, head_dim) = k_heads.middleCols((h / r) * head_dim, head_dim);
     mha.wv().middleCols(h * head_dim, head_dim) = v_heads.middleCols((h / r) * head_dim, head_dim);
   }
-  const auto gqa = kvheads::to_kv_heads(mha, kv);
-  CHECK(gqa.wk() == k_heads);
-  CHECK(gqa.wv() == v_heads);
+  // With and without RoPE: the converted layer keeps the source's rotary setting.
+  for (bool rope : {false, true}) {
+    INFO((rope ? "RoPE (interleaved, rotary_dim 2, base 500)" : "no RoPE"));
+    if (rope) {
+      kvheads::RopeOptions setting;
+      setting.enabled = true;
+      setting.layout = kvheads::RopeLayout::interleaved;
+      setting.base = 500.f;
+      setting.rotary_dim = 2;
+      mha.set_rope(setting);
+    }
+    const auto gqa = kvheads::to_kv_heads(mha, kv);
+    CHECK(gqa.wk() == k_heads);
+    CHECK(gqa.wv() == v_heads);
+    CHECK(gqa.rope().enabled == mha.rope().enabled);
+    CHECK(gqa.rope().layout == mha.rope().layout);
+    CHECK(gqa.rope().base == mha.rope().base);
+    CHECK(gqa.rope().rotary_dim == mha.rope().rotary_dim);
 
-  const RowMatrix x = random_matrix(5, d_model, 35);
-  auto mha_cache = mha.make_cache(8);
-  auto gqa_cache = gqa.make_cache(8);
-  kvheads::AttentionOptions options;
-  options.causal = true;
-  options.threads = 1;
-  const RowMatrix want = mha.forward(x, mha_cache, options);
-  const RowMatrix got = gqa.forward(x, gqa_cache, options);
-  require_close(got, want.cast<double>(), 1e-4);
+    const RowMatrix x = random_matrix(5, d_model, 35);
+    auto mha_cache = mha.make_cache(8);
+    auto gqa_cache = gqa.make_cache(8);
+    kvheads::AttentionOptions options;
+    options.causal = true;
+    options.threads = 1;
+    const RowMatrix want = mha.forward(x, mha_cache, options);
+    const RowMatrix got = gqa.forward(x, gqa_cache, options);
+    require_close(got, want.cast<double>(), 1e-4);
+  }
 }

@@ -42,8 +42,10 @@ inline void check_pooling(long long extent, const char* extent_name, long long o
 inline void pool_columns(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t rows, int from_kv_heads,
                          int to_kv_heads, int head_dim, float* out, std::ptrdiff_t out_stride) {
   const int r = from_kv_heads / to_kv_heads;
-  // Sum in double so a pooled weight is the correctly rounded mean whatever r is; that
-  // also makes pooling twice agree with pooling once up to one rounding per step.
+  // Sum in double: exact for any r unless a group's values span more than double's 53
+  // bits (then the small ones are lost, e.g. 1e30 + 1 - 1e30), so a pooled weight is the
+  // correctly rounded mean of any real checkpoint's; that also makes pooling twice agree
+  // with pooling once up to one rounding per step.
   for (std::ptrdiff_t row = 0; row < rows; ++row) {
     const float* src = w + row * w_stride;
     float* dst = out + row * out_stride;
@@ -135,6 +137,7 @@ Attention<T, Dynamic, Dynamic, Dynamic> to_kv_heads(const Attention<T, QHeads, K
   Attention<T, Dynamic, Dynamic, Dynamic> result(source.d_model(), layout);
   result.set_weights(source.wq(), pool_kv_columns(source.wk(), from.kv_heads, kv_heads, from.head_dim),
                      pool_kv_columns(source.wv(), from.kv_heads, kv_heads, from.head_dim), source.wo());
+  result.set_rope(source.rope());  // the same layer, fewer KV heads: positions rotate as before
   return result;
 }
 
