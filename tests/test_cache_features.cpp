@@ -79,6 +79,32 @@ TEMPLATE_LIST_TEST_CASE("bf16, fp16 and int8 caches match the reference on every
   check_storage<std::int8_t, Isa>();
 }
 
+TEST_CASE("int8 rows of any finite magnitude read back within half a step, zeros as zeros", "[cache][storage]") {
+  // 127 / max overflows fp32 below max ~3.7e-37: zeros became NaN (and were cast to int8,
+  // undefined behaviour) and every other value clamped to +-127 steps.
+  const HeadLayout layout{2, 1, 8};
+  for (float max : {3e38f, 1e30f, 1.f, 1e-30f, 4e-37f, 3.6e-37f, 1e-37f, 1e-40f, 1e-44f}) {
+    INFO("row maximum " << max);
+    const float k[8] = {max, -max / 2, 0.f, max / 127 * 3, -max, max / 3, 0.f, max / 1000};
+    float v[8];
+    for (int d = 0; d < 8; ++d) v[d] = -k[d];
+    KvCache<std::int8_t> cache(layout, 2);
+    cache.append(k, v, 1);
+    float k_read[8], v_read[8];
+    cache.read_token(0, 0, k_read, v_read);
+    // Half a quantisation step, plus the rounding of a denormal scale (127 x its spacing).
+    const double tolerance = double(max) / 254 * 1.001 + 127 * 1.5e-45;
+    for (int d = 0; d < 8; ++d) {
+      INFO("dim " << d);
+      REQUIRE(std::isfinite(k_read[d]));
+      REQUIRE(std::isfinite(v_read[d]));
+      CHECK(std::fabs(double(k_read[d]) - double(k[d])) <= tolerance);
+      CHECK(std::fabs(double(v_read[d]) - double(v[d])) <= tolerance);
+      if (k[d] == 0.f) CHECK((k_read[d] == 0.f && v_read[d] == 0.f));
+    }
+  }
+}
+
 TEST_CASE("reduced-precision caches hold fewer bytes", "[cache][storage]") {
   const HeadLayout layout{32, 8, 128};
   const KvCache<float> f32(layout, 1024);

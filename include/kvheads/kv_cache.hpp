@@ -82,8 +82,11 @@ struct KvStorage<std::int8_t> {
       return;
     }
     *scale = max / 127.f;
-    const float inverse = max > 0.f ? 127.f / max : 0.f;
-    for (int i = 0; i < n; ++i) dst[i] = std::int8_t(std::clamp(std::nearbyint(src[i] * inverse), -127.f, 127.f));
+    // In double: 127 / max overflows fp32 for a row below ~3.7e-37 (zeros would become
+    // 0 * inf = NaN, and every other value would clamp to +-127).
+    const double inverse = max > 0.f ? 127.0 / double(max) : 0.0;
+    for (int i = 0; i < n; ++i)
+      dst[i] = std::int8_t(std::clamp(std::nearbyint(double(src[i]) * inverse), -127.0, 127.0));
   }
   static float load(std::int8_t x, float scale) { return float(x) * scale; }
 };
