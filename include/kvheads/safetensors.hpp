@@ -3,10 +3,11 @@
 // to fewer KV heads (mean-pooling, see convert.hpp).
 //
 // File layout: 8-byte little-endian u64 header length N, N bytes of JSON
-//   {"name": {"dtype": "F32"|"F16"|"BF16", "shape": [...], "data_offsets": [begin, end]}, ...,
+//   {"name": {"dtype": "F32"|"BF16"|"I64"|..., "shape": [...], "data_offsets": [begin, end]}, ...,
 //    "__metadata__": {"key": "value", ...}}            (metadata optional)
 // then the data buffer; offsets are relative to its start. Tensors must tile the buffer
-// exactly (no overlaps, no holes), as the format specification requires.
+// exactly (no overlaps, no holes), as the format specification requires. Every dtype of
+// the format is read, copied and written; F32, F16 and BF16 also convert to and from fp32.
 //
 // Reading validates everything before touching the data, and every malformed input is a
 // std::invalid_argument naming the tensor or the field; I/O failures are std::runtime_error.
