@@ -366,6 +366,10 @@ TEST_CASE("safetensors: edge cases that are valid", "[safetensors]") {
   CHECK(st.size() == 3);
   CHECK(st.tensor("c").numel() == 0);
   CHECK(st.read_f32("c").empty());
+  // "-0" is JSON for zero (nlohmann reads it as a signed integer).
+  CHECK(Safetensors::parse(raw_file(R"({"z": {"dtype": "F32", "shape": [-0], "data_offsets": [-0, 0]}})", 0))
+            .tensor("z")
+            .numel() == 0);
   // Nesting at the limit (16 levels, in metadata-free arrays of a shape) is still JSON the
   // checks accept, up to the shape's own type check.
   expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": )" + std::string(14, '[') + std::string(14, ']') +

@@ -240,7 +240,10 @@ inline std::int64_t json_size(const nlohmann::json& value, const std::string& co
     if (v <= std::uint64_t(std::numeric_limits<std::int64_t>::max())) return std::int64_t(v);
     throw_invalid(context, " (", v, ") is too large");
   }
-  if (value.is_number_integer()) throw_invalid(context, " (", value.get<std::int64_t>(), ") must be >= 0");
+  if (value.is_number_integer()) {
+    if (value.get<std::int64_t>() == 0) return 0;  // "-0": JSON's integer zero with a sign
+    throw_invalid(context, " (", value.get<std::int64_t>(), ") must be >= 0");
+  }
   throw_invalid(context, " (", json_excerpt(value), ") must be a non-negative integer");
 }
 
