@@ -629,9 +629,13 @@ void print_summary(std::FILE* out, const std::vector<Case>& cases) {
 // / 1) come from calls alternated within each round.
 
 constexpr int kSideBySideRounds = 9;
-// Calls per case and round: 3 (their median, so one call slowed by the burst before it,
-// which may have evicted the case's K/V from L3, does not count), 1 for calls over this.
-constexpr double kSideBySideLongCall = 0.05;  // seconds
+// Calls per case and round: one untimed, which brings the case's K/V (or, for prefill,
+// its Q, K/V and scratch) back into the caches the burst evicted them from, as in the
+// steady state a benchmark loop measures (MQA decode, whose 16 MiB stay in L3: the first
+// three calls after a burst took 1.63-1.77 ms, later ones 1.50-1.65), then this many
+// timed, their median the round's time (one timed prefill call per round spread the
+// rounds' 1-thread prefill over 51-75% of the FMA peak, three over 66-72%).
+constexpr int kSideBySideCalls = 3;
 
 struct Spread {
   double median = 0, low = 0, high = 0;
@@ -653,9 +657,7 @@ std::string spread_text(const Spread& spread, int decimals, double factor = 1.0)
 /// One case's share of a round: its calls and the limits measured just before them.
 class SideBySide {
  public:
-  SideBySide(const Case& c, Inputs& in, const Result& result) : case_(c), in_(&in) {
-    calls_ = result.timing.mean <= kSideBySideLongCall ? 3 : 1;
-  }
+  SideBySide(const Case& c, Inputs& in) : case_(c), in_(&in) {}
 
   /// One round: the limits over the case's working set (a prefix of `buffer`), then calls.
   void round(const float* buffer) {
@@ -676,8 +678,9 @@ class SideBySide {
 
  private:
   double median_call() {
+    run_kvheads(case_, *in_);  // untimed: back into the caches after the burst
     std::vector<double> times;
-    for (int call = 0; call < calls_; ++call) {
+    for (int call = 0; call < kSideBySideCalls; ++call) {
       const kvheads_bench::Clock::time_point start = kvheads_bench::Clock::now();
       run_kvheads(case_, *in_);
       times.push_back(kvheads_bench::seconds_since(start));
@@ -687,7 +690,6 @@ class SideBySide {
 
   Case case_;
   Inputs* in_;
-  int calls_ = 1;
   std::vector<double> seconds_, roofline_ratios_, peak_fractions_;
 };
 
@@ -712,8 +714,9 @@ void print_side_by_side(std::FILE* out, const std::vector<Case>& cases) {
 
   std::fprintf(out,
                "\nTargets side by side (%d rounds; each measures a case's read bandwidth and FMA peak in a short "
-               "burst, then times 3 of its calls (1 if longer than %.0f ms); median [lowest-highest] of the rounds' ratios):\n",
-               kSideBySideRounds, kSideBySideLongCall * 1e3);
+               "burst, then, after one untimed call, times %d of its calls; median [lowest-highest] of the "
+               "rounds' ratios):\n",
+               kSideBySideRounds, kSideBySideCalls);
   std::fflush(out);
   std::map<std::string, Inputs> inputs;  // by data_key: every case's inputs at once
   std::vector<SideBySide> runs;
@@ -723,7 +726,7 @@ void print_side_by_side(std::FILE* out, const std::vector<Case>& cases) {
       Inputs& in = inputs[c.data_key()];
       if (in.key.empty()) make_inputs(c, in);
       warm_up_once(c.name() + "/kvheads", [&] { run_kvheads(c, in); });
-      runs.emplace_back(c, in, *kvheads_bench::find_result(c.name() + "/kvheads"));
+      runs.emplace_back(c, in);
       largest = std::max(largest, c.work().working_set);
     }
   std::vector<float, kvheads::detail::AlignedAllocator<float>> buffer(largest / sizeof(float) + 1, 1.0f);
