@@ -180,7 +180,7 @@ inline std::uint64_t read_u64_le(const unsigned char* p) {
 // (nlohmann's DOM would silently keep the last one) and nesting deeper than any valid
 // header could need. A SAX pass, linear in the header's length: nlohmann's parse callback,
 // which could do the same checks, takes time quadratic in the number of objects in one
-// array or object (3.11.2: a 240 KB header of empty objects took 3.3 s, 80,000 tensors
+// array or object (3.11.2: 50,000 tensors took 20.5 s against 0.3 s now, 80,000 took
 // 140 s), so a small hostile file could hang the reader.
 class HeaderJsonCheck : public nlohmann::json_sax<nlohmann::json> {
  public:
@@ -210,7 +210,6 @@ class HeaderJsonCheck : public nlohmann::json_sax<nlohmann::json> {
 
  private:
   static constexpr std::size_t kMaxDepth = 16;
-  // Keys seen in each open container (always empty for an array).
   bool open() {
     if (open_.size() >= kMaxDepth) throw_invalid("safetensors header nests deeper than ", kMaxDepth, " levels");
     open_.emplace_back();
@@ -220,7 +219,7 @@ class HeaderJsonCheck : public nlohmann::json_sax<nlohmann::json> {
     open_.pop_back();
     return true;
   }
-  std::vector<std::set<std::string>> open_;
+  std::vector<std::set<std::string>> open_;  // keys seen in each open container (none for an array)
 };
 
 inline nlohmann::json parse_header_json(const char* begin, const char* end) {
