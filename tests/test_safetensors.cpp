@@ -129,14 +129,33 @@ Safetensors make_llama(const Llama& c, unsigned seed = 1) {
 
 // Rows j*head_dim + c of the pooled tensor against the double mean of the source rows
 // (g*r + ...) -- computed here independently of the library.
+// x rounded to nearest (ties to even) in dtype F32, F16 or BF16, found by comparing the
+// neighbours of a first guess in double: independent of the library's rounding code.
+float nearest_in_dtype(double x, const std::string& dtype) {
+  if (dtype == "F32") return float(x);
+  const bool half = dtype == "F16";
+  const auto value = [&](std::uint16_t bits) {
+    return double(half ? kvheads::fp16{bits}.to_float() : kvheads::bf16{bits}.to_float());
+  };
+  const float guess_float = float(x);
+  const std::uint16_t guess = half ? kvheads::fp16::from_float(guess_float).bits : kvheads::bf16::from_float(guess_float).bits;
+  std::uint16_t best = guess;
+  for (int delta : {-1, 1}) {
+    const auto candidate = std::uint16_t(guess + delta);
+    const double error = std::fabs(value(candidate) - x), best_error = std::fabs(value(best) - x);
+    if (error < best_error || (error == best_error && candidate % 2 == 0)) best = candidate;
+  }
+  return float(value(best));
+}
+
 void check_pooled(const SafetensorsTensor& source, const SafetensorsTensor& pooled, int from, int to, int head_dim) {
   const std::int64_t cols = source.shape.size() == 2 ? source.shape[1] : 1;
   REQUIRE(pooled.dtype == source.dtype);
   REQUIRE(pooled.shape[0] == std::int64_t(to) * head_dim);
   if (source.shape.size() == 2) REQUIRE(pooled.shape[1] == cols);
   const std::vector<float> src = source.to_f32(), got = pooled.to_f32();
-  // The result is stored in the source dtype: allow one rounding step of that dtype.
-  const double rel = source.dtype == "F32" ? 1e-6 : source.dtype == "F16" ? 1.0 / 1024 : 1.0 / 128;
+  // Each pooled value is the exact mean (a double sum of a few floats is exact here),
+  // rounded once to the source dtype.
   const int r = from / to;
   for (int j = 0; j < to; ++j)
     for (int c = 0; c < head_dim; ++c)
@@ -145,8 +164,8 @@ void check_pooled(const SafetensorsTensor& source, const SafetensorsTensor& pool
         for (int g = 0; g < r; ++g) mean += src[std::size_t(((j * r + g) * head_dim + c) * cols + col)];
         mean /= r;
         const float value = got[std::size_t((j * head_dim + c) * cols + col)];
-        INFO(pooled.name << " row " << j * head_dim + c << " col " << col);
-        REQUIRE(std::fabs(double(value) - mean) <= rel * std::fabs(mean) + 1e-6);
+        INFO(pooled.name << " row " << j * head_dim + c << " col " << col << ": mean " << mean);
+        REQUIRE(bits_of(value) == bits_of(nearest_in_dtype(mean, source.dtype)));
       }
 }
 
@@ -253,6 +272,7 @@ TEST_CASE("safetensors: malformed files throw a clear std::invalid_argument", "[
     expect_invalid(raw_file("{\"t\": ", 0), {"not valid JSON"});
     expect_invalid(raw_file("{} x", 0), {"not valid JSON"});
     expect_invalid(raw_file("\xff\xfe", 0), {"not valid JSON"});
+    expect_invalid(raw_file("\xef\xbb\xbf{}", 0), {"byte order mark", "expected the JSON object's '{'"});
     expect_invalid(raw_file("", 0), {"not valid JSON"});
     expect_invalid(raw_file("[1, 2]", 0), {"must be a JSON object, got array"});
     expect_invalid(raw_file("\"t\"", 0), {"must be a JSON object, got string"});
@@ -497,6 +517,38 @@ TEST_CASE("convert_checkpoint pools k/v_proj of every layer and copies the rest"
       }
       // The result survives a round trip through the file format.
       CHECK(Safetensors::parse(out.serialize()).serialize() == out.serialize());
+    }
+  }
+}
+
+TEST_CASE("convert_checkpoint rounds a bf16/fp16 mean once, even next to a tie", "[safetensors][convert]") {
+  // Four KV heads of one dimension pooled into one: the mean is just above a tie of the
+  // dtype (by less than half a float ulp), so rounding it to float first lands on the tie,
+  // which then rounds to even, the wrong way: bf16 0.5 + 2^-9 + 2^-32 must give 0x3F01, fp16
+  // 0.5 + 2^-12 + 2^-26 must give 0x3801.
+  struct Case {
+    const char* dtype;
+    std::vector<float> heads;
+    std::uint16_t expected;
+  };
+  for (const Case& test : {Case{"BF16", {1.f, 1.f, std::ldexp(1.f, -7), std::ldexp(1.f, -30)}, 0x3F01},
+                           Case{"F16", {1.f, 1.f, std::ldexp(1.f, -10), std::ldexp(1.f, -24)}, 0x3801}}) {
+    INFO(test.dtype);
+    Safetensors in;
+    const std::vector<float> ones(4, 1.f);
+    in.add_f32("model.layers.0.self_attn.q_proj.weight", {4, 1}, ones.data(), test.dtype);
+    in.add_f32("model.layers.0.self_attn.k_proj.weight", {4, 1}, test.heads.data(), test.dtype);
+    in.add_f32("model.layers.0.self_attn.v_proj.weight", {4, 1}, test.heads.data(), test.dtype);
+    in.add_f32("model.layers.0.self_attn.o_proj.weight", {1, 4}, ones.data(), test.dtype);
+    REQUIRE(in.read_f32("model.layers.0.self_attn.k_proj.weight") == test.heads);  // inputs exact in the dtype
+    kvheads::CheckpointConversion how;
+    how.q_heads = 4;
+    how.to_kv_heads = 1;
+    const Safetensors out = kvheads::convert_checkpoint(in, how);
+    for (const char* name : {"model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"}) {
+      const SafetensorsTensor& pooled = out.tensor(name);
+      REQUIRE(pooled.bytes.size() == 2);
+      CHECK((pooled.bytes[0] | pooled.bytes[1] << 8) == test.expected);
     }
   }
 }

@@ -14,6 +14,7 @@
 #include "kvheads/attention.hpp"
 #include "kvheads/core/check.hpp"
 #include "kvheads/head_layout.hpp"
+#include "kvheads/storage_types.hpp"
 
 namespace kvheads {
 
@@ -60,8 +61,11 @@ inline void pool_columns(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t
 }
 
 // w: [from*head_dim][cols] with row stride w_stride -> out: [to*head_dim][cols] with out_stride.
+// narrower_result: the means will be rounded again to bf16 or fp16, so they are rounded to
+// float to odd here (see float_round_to_odd): stored in those dtypes they are then the
+// correctly rounded mean, not a rounding of a rounding.
 inline void pool_rows(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t cols, int from_kv_heads, int to_kv_heads,
-                      int head_dim, float* out, std::ptrdiff_t out_stride) {
+                      int head_dim, float* out, std::ptrdiff_t out_stride, bool narrower_result = false) {
   const int r = from_kv_heads / to_kv_heads;
   for (int j = 0; j < to_kv_heads; ++j) {
     for (int c = 0; c < head_dim; ++c) {
@@ -69,7 +73,7 @@ inline void pool_rows(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t co
       for (std::ptrdiff_t col = 0; col < cols; ++col) {
         double sum = 0.0;
         for (int g = 0; g < r; ++g) sum += double(w[std::ptrdiff_t((j * r + g) * head_dim + c) * w_stride + col]);
-        dst[col] = float(sum / r);
+        dst[col] = narrower_result ? float_round_to_odd(sum / r) : float(sum / r);
       }
     }
   }

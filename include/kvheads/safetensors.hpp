@@ -323,6 +323,10 @@ inline Safetensors Safetensors::parse(const void* data, std::size_t size) {
     throw_invalid("safetensors header length (", header_length, ") exceeds the ", size - 8,
                   " bytes that follow it in the file");
   const char* header = reinterpret_cast<const char*>(bytes + 8);
+  // nlohmann::json skips a leading UTF-8 byte order mark; the format's header must begin
+  // with '{', and the reference reader (serde_json) refuses one too.
+  if (header_length >= 3 && bytes[8] == 0xEF && bytes[9] == 0xBB && bytes[10] == 0xBF)
+    throw_invalid("safetensors header starts with a UTF-8 byte order mark (expected the JSON object's '{')");
   const nlohmann::json root = detail::parse_header_json(header, header + header_length);
   if (!root.is_object())
     throw_invalid("safetensors header must be a JSON object, got ", root.type_name(), " ", detail::json_excerpt(root));
@@ -588,7 +592,11 @@ inline SafetensorsTensor pool_hf_tensor(const SafetensorsTensor& t, int from, in
                   std::numeric_limits<int>::max(), ")");
   const std::vector<float> src = t.to_f32();
   std::vector<float> dst(std::size_t(to) * std::size_t(head_dim) * std::size_t(cols));
-  pool_kv_rows(src.data(), int(cols), from, to, head_dim, dst.data());
+  check_pooling(std::int64_t(from) * head_dim, "rows", cols, "columns", from, to, head_dim);
+  if (src.size() != std::size_t(from) * std::size_t(head_dim) * std::size_t(cols))
+    throw_invalid("tensor ", quote_text(t.name), " holds ", src.size(), " values (expected ",
+                  std::int64_t(from) * head_dim * cols, ")");
+  pool_rows(src.data(), cols, cols, from, to, head_dim, dst.data(), cols, t.dtype != "F32");
   std::vector<std::int64_t> shape = t.shape;
   shape[0] = std::int64_t(to) * head_dim;
   return SafetensorsTensor::from_f32(t.name, std::move(shape), dst.data(), t.dtype);

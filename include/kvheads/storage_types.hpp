@@ -2,6 +2,7 @@
 // bf16 and fp16: 16-bit storage types for weights and the KV cache. Arithmetic is
 // always done in fp32; these types only store. Conversions are portable bit code:
 // from_float rounds to nearest, ties to even; to_float is exact.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,18 @@ inline float bits_float(std::uint32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof value);
   return value;
+}
+
+/// x rounded to float "to odd": exact values stay; any other gives the float next to x
+/// toward zero with its last mantissa bit forced to 1. Rounding that float to bf16 or fp16
+/// (to nearest, ties to even) then gives x correctly rounded: float has more than two bits
+/// beyond either, so the odd bit stands for "somewhat above" and can never fake a tie.
+/// Plain float(x) first would round twice (a mean just above a bf16 tie can land on it).
+inline float float_round_to_odd(double x) {
+  float rounded = float(x);
+  if (double(rounded) == x || x != x) return rounded;
+  if (std::fabs(double(rounded)) > std::fabs(x)) rounded = std::nextafter(rounded, 0.f);
+  return bits_float(float_bits(rounded) | 1u);
 }
 
 }  // namespace detail
