@@ -127,8 +127,6 @@ Safetensors make_llama(const Llama& c, unsigned seed = 1) {
   return file;
 }
 
-// Rows j*head_dim + c of the pooled tensor against the double mean of the source rows
-// (g*r + ...) -- computed here independently of the library.
 // x rounded to nearest (ties to even) in dtype F32, F16 or BF16, found by comparing the
 // neighbours of a first guess in double: independent of the library's rounding code.
 float nearest_in_dtype(double x, const std::string& dtype) {
@@ -148,6 +146,8 @@ float nearest_in_dtype(double x, const std::string& dtype) {
   return float(value(best));
 }
 
+// Rows j*head_dim + c of the pooled tensor against the double mean of the source rows
+// (g*r + ...) -- computed here independently of the library.
 void check_pooled(const SafetensorsTensor& source, const SafetensorsTensor& pooled, int from, int to, int head_dim) {
   const std::int64_t cols = source.shape.size() == 2 ? source.shape[1] : 1;
   REQUIRE(pooled.dtype == source.dtype);
