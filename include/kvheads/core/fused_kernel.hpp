@@ -270,7 +270,7 @@ struct Tiling {
   /// 0.91-0.95x time on 1 thread and 0.91-0.96x on 2; 16384 keys out of cache 1.01-1.08x,
   /// within the runs' noise (unchanged MHA and MQA moved 0.95-1.02x). A scratch copy with
   /// per-phase counters: P.V 19 -> 15 TSC cycles per key and KV head in cache, 35 -> 33
-  /// from DRAM. Two passes of 4 rows x half a row were slower from DRAM (see README).
+  /// from DRAM. Two passes of 4 rows x half a row were slower from DRAM (see bench/PERFORMANCE_LOG.md).
   static constexpr int pv_rows_wide = 4;
   static constexpr int pv_chunks_wide = 6;
   /// Keys per tile when several rows share those whole-row passes (GQA-8 decode of 16384
