@@ -277,6 +277,19 @@ struct Tiling {
   /// keys on Zen 3, 1 thread, scratch driver, six alternating pairs: 1-12% faster than
   /// one pass per row over the whole block, 12.2-15.7 against 12.8-17.9 ms).
   static constexpr int pv_key_tile_few = 32;
+  /// When several rows share a key tile, only the first reads it in a whole-row pass (from
+  /// memory, in order). The others read it from L1 in register tiles of up to
+  /// pv_rows_rest rows x pv_chunks_rest(rows) vectors (13 registers at most), so none of
+  /// their accumulators goes through L1 once per key: a chunk accumulated in L1 is a
+  /// store-to-load-to-FMA chain per key, which bounds such a pass by its latency, not its
+  /// FMAs. AVX2 build on Zen 5, GQA-8 decode (4 rows), 1 thread, scratch driver with
+  /// per-phase counters, medians of 5-7 alternating rounds in three sessions: P.V 51-57 ->
+  /// 35-39 TSC cycles per key and KV head in cache (the call 0.81-0.82x), 63-78 -> 50-65
+  /// from DRAM (0.84-0.91x); GQA-16 (2 rows) 0.92x in cache, 0.99x from DRAM. Register
+  /// tiles for every row, the first included, were faster in cache (0.78x) but 1.30x from
+  /// DRAM: the first pass then reads a few lines of each row, not whole rows.
+  static constexpr int pv_rows_rest = 3;
+  static constexpr int pv_chunks_rest(int rows) { return rows >= 3 ? 3 : rows == 2 ? 4 : pv_chunks_few; }
   /// Pages ahead of a few-row pass that PageAhead requests (see there).
   static constexpr int pages_ahead_few = 4;
   static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0, "whole tiles per full key block");
@@ -567,18 +580,28 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
   const int chunks = dim_padded / Isa::width;
   if constexpr (Tiling<Isa>::pv_whole_rows_few && max_rows == 1) {
     if (chunks > max_chunks) {
-      // Several rows walk the block in tiles of pv_key_tile_few keys, each row in turn, so
-      // the first row reads a tile from memory and the others from L1, and the DRAM
-      // stream runs through the whole P.V rather than during one row's pass of four.
+      // Several rows walk the block in tiles of pv_key_tile_few keys, so the first row
+      // reads a tile from memory and the others from L1 (in register tiles, see
+      // Tiling::pv_rows_rest), and the DRAM stream runs through the whole P.V rather than
+      // during one row's pass of four.
       const int key_tile = rows > 1 ? Tiling<Isa>::pv_key_tile_few : keys;
+      constexpr int rest_rows = Tiling<Isa>::pv_rows_rest;
       for (int first_key = 0; first_key < keys; first_key += key_tile) {
         const int tile_keys = std::min(key_tile, keys - first_key);
-        const PrefetchRows tile_ahead = ahead.from_key(first_key);
-        for (int r = 0; r < rows; ++r)
-          pv_tile<Isa, 1, max_chunks, SkipMasked>(
-              p + std::ptrdiff_t(r) * strides.row + std::ptrdiff_t(first_key) * strides.key, strides,
-              v + first_key * v_stride, v_stride, tile_keys, 0, acc + std::ptrdiff_t(r) * dim_padded, dim_padded,
-              r == 0 ? tile_ahead : PrefetchRows{}, r == 0 ? pages : PageAhead{}, chunks - max_chunks);
+        const float* const tile_p = p + std::ptrdiff_t(first_key) * strides.key;
+        const float* const tile_v = v + first_key * v_stride;
+        pv_tile<Isa, 1, max_chunks, SkipMasked>(tile_p, strides, tile_v, v_stride, tile_keys, 0, acc, dim_padded,
+                                                ahead.from_key(first_key), pages, chunks - max_chunks);
+        for (int r = 1; r < rows; r += rest_rows)
+          with_tile_size<rest_rows>(rows - r, [&](auto tile_rows) {
+            constexpr int tile_chunks = Tiling<Isa>::pv_chunks_rest(tile_rows.value);
+            for (int c = 0; c < chunks; c += tile_chunks)
+              with_tile_size<tile_chunks>(chunks - c, [&](auto chunks_now) {
+                pv_tile<Isa, tile_rows.value, chunks_now.value, SkipMasked>(
+                    tile_p + std::ptrdiff_t(r) * strides.row, strides, tile_v, v_stride, tile_keys, c,
+                    acc + std::ptrdiff_t(r) * dim_padded, dim_padded, PrefetchRows{});
+              });
+          });
       }
       return;
     }
