@@ -32,7 +32,7 @@ build="$(cd "$build" && pwd)"
 # -isystem, not -I: warnings inside Eigen's own headers are not ours to fix.
 eigen_flags="$(pkg-config --cflags-only-I eigen3 2>/dev/null || echo -I/usr/include/eigen3)"
 eigen_flags="${eigen_flags//-I/-isystem }"
-flags=(-std=c++17 -g "${FUZZ_OPT:--O1}" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+flags=(-std=c++17 -gline-tables-only "${FUZZ_OPT:--O1}" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
        -fno-omit-frame-pointer -Wall -Wextra -I"$root/include" $eigen_flags ${FUZZ_CXXFLAGS--DKVHEADS_SHAPE_SPECIALIZATIONS=0})
 if "$cxx" -march=native -E -x c++ /dev/null >/dev/null 2>&1; then flags+=(-march=native); fi
 
