@@ -188,6 +188,97 @@ TEST_CASE("plain-memory prefill (K/V copied head-major) equals the cache path bi
       }
 }
 
+namespace {
+
+/// Sets the size above which a prefill's queries and outputs are staged head-major, for
+/// one scope (0: every prefill whose query tiles span more tokens than heads).
+struct StagingThreshold {
+  std::size_t saved = kvheads::detail::staged_queries_min_bytes;
+  explicit StagingThreshold(std::size_t bytes) { kvheads::detail::staged_queries_min_bytes = bytes; }
+  ~StagingThreshold() { kvheads::detail::staged_queries_min_bytes = saved; }
+  StagingThreshold(const StagingThreshold&) = delete;
+  StagingThreshold& operator=(const StagingThreshold&) = delete;
+};
+
+struct PrefillResult {
+  std::vector<float> out, lse;
+  bool operator==(const PrefillResult& other) const { return out == other.out && lse == other.lse; }
+};
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("every ISA's prefill with queries and outputs staged head-major equals the unstaged call bit for bit",
+                        "[attend][isa]", kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  // Prefills with many queries copy them head-major and write their outputs there first
+  // (HeadMajorStaging); here the threshold is lowered so small shapes take that path. A
+  // row's arithmetic does not depend on where its query came from, so plain memory and
+  // cache, one call and a batch, must give the unstaged results exactly, lse included.
+  // Layouts whose query tiles span more tokens than heads on every ISA (MHA, groups 2
+  // and 3), on wide ISAs only (MQA with group 6) and on none (group 8).
+  const std::vector<float> sinks = random_vector(16, 99);
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 33}, HeadLayout{8, 4, 16}, HeadLayout{12, 4, 64},
+                                   HeadLayout{6, 1, 3}, HeadLayout{16, 2, 8}})
+    for (const auto& lengths : std::vector<std::pair<int, int>>{{70, 70}, {150, 187}})
+      for (int threads : {1, 2}) {
+        const int q_len = lengths.first, kv_len = lengths.second;  // lambdas below capture them
+        AttentionOptions causal;
+        causal.causal = true;
+        AttentionOptions combined = option_sets().back();
+        combined.sinks = sinks.data();
+        for (AttentionOptions options : {causal, combined}) {
+          options.threads = threads;
+          INFO(describe(layout, q_len, kv_len, options) << " isa " << Isa::name << " threads " << threads);
+          const Problem p(layout, q_len, kv_len, std::uint32_t(q_len * 5 + layout.q_heads));
+          kvheads::KvCache<float> cache(layout, kv_len);
+          cache.append(p.k.data(), p.v.data(), kv_len);
+          const std::size_t lse_size = std::size_t(q_len) * std::size_t(layout.q_heads);
+          const auto plain = [&] {
+            PrefillResult r{std::vector<float>(p.out_size(), -1.f), std::vector<float>(lse_size, -1.f)};
+            kvheads::attend<Isa>(p.q.data(), p.k.data(), p.v.data(), r.out.data(), q_len, kv_len, layout, options,
+                                 r.lse.data());
+            return r;
+          };
+          const auto cached = [&] {
+            PrefillResult r{std::vector<float>(p.out_size(), -1.f), std::vector<float>(lse_size, -1.f)};
+            kvheads::attend<Isa>(p.q.data(), q_len, cache, r.out.data(), options, r.lse.data());
+            return r;
+          };
+          // A batch of two sequences of different lengths on one cache: per-item strides.
+          const int short_len = q_len / 2 + 1;
+          const auto batch = [&] {
+            PrefillResult r{std::vector<float>(p.out_size() * 2, -1.f), std::vector<float>(lse_size * 2, -1.f)};
+            const kvheads::AttendItem<float> items[2] = {
+                {p.q.data(), q_len, &cache, r.out.data(), r.lse.data()},
+                {p.q.data(), short_len, &cache, r.out.data() + p.out_size(), r.lse.data() + lse_size}};
+            kvheads::attend<Isa>(items, 2, options);
+            return r;
+          };
+          PrefillResult plain_staged, cached_staged, batch_staged;
+          {
+            const StagingThreshold every_prefill(0);
+            plain_staged = plain();
+            cached_staged = cached();
+            batch_staged = batch();
+          }
+          {
+            const StagingThreshold no_prefill(std::size_t(-1));
+            CHECK(plain_staged == plain());
+            CHECK(cached_staged == cached());
+            CHECK(batch_staged == batch());
+          }
+          if (threads == 1) {
+            std::vector<float> expected_lse;
+            const std::vector<float> expected = p.reference(options, &expected_lse);
+            CHECK(relative_error(plain_staged.out, expected) <= tolerance);
+            CHECK(relative_error(plain_staged.lse, expected_lse, 1.0) <= tolerance);
+            CHECK(relative_error(cached_staged.out, expected) <= tolerance);
+          }
+        }
+      }
+}
+
 TEST_CASE("attend runs on a pool the caller passes in", "[attend][threads]") {
   kvheads::ThreadPool pool(3);
   for (const HeadLayout& layout : {HeadLayout{8, 2, 64}, HeadLayout{8, 1, 16}}) {

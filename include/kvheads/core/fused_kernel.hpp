@@ -1176,74 +1176,157 @@ bool reads_heads_in_chunks(const AttendArgs<KvT>& item, std::ptrdiff_t rows_per_
 // The driver: cut one call, or a batch of calls sharing a layout, into tasks, run them all
 // in one parallel_for, then merge key splits.
 
-/// Plain-memory K/V interleave the KV heads ([tokens][kv_heads][head_dim]): one head's
-/// consecutive keys sit kv_heads * head_dim floats apart, each on its own page, which
-/// the TLB and the hardware prefetcher follow badly. When several query tiles will read
-/// every key (prefill), the keys of each head are first copied head-major into scratch
-/// (slot 2, kept for later calls), once per call and in parallel; the copy is
-/// O(kv_len) next to O(q_len x kv_len) work. Returns the items to run: the originals,
-/// or copies pointing at the head-major K/V. Results are unchanged, bit for bit.
-/// (GQA-8 causal prefill of 2048 tokens, 1 thread: 108-113 -> 135-156 GFLOP/s in two
-/// side-by-side runs.)
+/// A copy of `tokens` token rows of `heads` rows of head_dim floats each, between two
+/// strided layouts (token-major user memory and head-major scratch, either way round).
+/// Tokens are the outer loop, so the token-major side is walked in address order: each of
+/// its pages is touched once per copy, not once per head.
+struct HeadRowsCopy {
+  const float* from;
+  float* to;
+  std::ptrdiff_t from_token_stride, from_head_stride, to_token_stride, to_head_stride;
+  std::ptrdiff_t first_token, tokens;
+  int heads;
+
+  void run(int head_dim) const {
+    for (std::ptrdiff_t t = first_token; t < first_token + tokens; ++t)
+      for (int h = 0; h < heads; ++h)
+        std::copy_n(from + t * from_token_stride + h * from_head_stride, head_dim,
+                    to + t * to_token_stride + h * to_head_stride);
+  }
+};
+
+/// Head-major staging of a call's operands for prefill. The tasks read each head's rows
+/// of many consecutive tokens: its keys (every query tile reads them all) and, when a
+/// tile spans more tokens than heads (MHA, small groups), its queries and output rows.
+/// In the token-major user layouts ([tokens][heads][head_dim]) such rows sit a whole
+/// token row apart, each on its own page, which the TLB and the hardware prefetchers
+/// follow badly; so they are copied head-major into scratch (slot 2, kept for later
+/// calls) once per call and in parallel, and the outputs copied back at the end. The
+/// copies are O(tokens) next to O(q_len x kv_len) work, and walk the user's memory in
+/// address order (HeadRowsCopy). Results are unchanged, bit for bit.
+/// Keys: GQA-8 causal prefill of 2048 tokens, 1 thread: 108-113 -> 135-156 GFLOP/s in two
+/// side-by-side runs. Queries and outputs, and the copies walked token by token instead
+/// of head by head: see bench/PERFORMANCE_LOG.md (2026-12-02, prefill staging).
+/// Queries (and as many outputs) above this size are staged head-major; below it the
+/// tasks' own reads and writes, a token row apart, cost no more than the copies (MHA
+/// causal prefill on Zen 5, 32 heads of 128: 8 MiB of queries 1.02x time on 1 thread and
+/// 1.05x on 2 when staged, 16 MiB 0.99x, 32 MiB 0.88x and 0.94x). A variable, not a
+/// constant, so the tests can run the staged path on small shapes (set it only while no
+/// attend() call runs).
+inline std::size_t staged_queries_min_bytes = std::size_t(16) << 20;
+
 template <class KvT>
-const AttendArgs<KvT>* with_head_major_kv(const AttendArgs<KvT>* items, std::ptrdiff_t item_count, int query_tile,
-                                           ThreadPool& pool, int threads) {
-  if constexpr (!std::is_same_v<KvT, float>) {
-    return items;  // reduced-precision K/V only come from caches, which are head-major
-  } else {
+class HeadMajorStaging {
+ public:
+
+  /// The items to run: the originals, or copies pointing at head-major operands.
+  const AttendArgs<KvT>* prepare(const AttendArgs<KvT>* items, std::ptrdiff_t item_count, int query_tile,
+                                 ThreadPool& pool, int threads) {
     const HeadLayout& layout = items[0].layout;
     const int head_dim = layout.head_dim;
+    const std::ptrdiff_t q_plane = std::ptrdiff_t(layout.q_heads) * head_dim;
     const auto slots = [](const AttendArgs<KvT>& item) {
       std::ptrdiff_t end = 0;
       for (int s = 0; s < item.segment_count; ++s)
         end = std::max(end, item.segments[s].first_slot + item.segments[s].count);
       return end;
     };
-    const auto wants_copy = [&](const AttendArgs<KvT>& item) {
-      return layout.kv_heads > 1 && item.kv_token_stride != head_dim && item.q_len > query_tile && item.kv_len > 0;
+    const auto copies_kv = [&](const AttendArgs<KvT>& item) {
+      if constexpr (!std::is_same_v<KvT, float>) {
+        return false;  // reduced-precision K/V only come from caches, which are head-major
+      } else {
+        return layout.kv_heads > 1 && item.kv_token_stride != head_dim && item.q_len > query_tile && item.kv_len > 0;
+      }
+    };
+    // A tile's rows are `query_tile` runs of `group` rows token-major, or `group` runs of
+    // `query_tile` rows head-major: stage when that gives fewer, longer runs, and the
+    // queries are too many for the tasks' scattered reads to stay cheap (see
+    // staged_queries_min_bytes).
+    const bool tiles_span_tokens = query_tile > layout.group_size();
+    const auto many_queries = [&](const AttendArgs<KvT>& item) {
+      return item.q_len > query_tile && std::size_t(item.q_len) * std::size_t(q_plane) * sizeof(float) > staged_queries_min_bytes;
+    };
+    const auto copies_q = [&](const AttendArgs<KvT>& item) {
+      return tiles_span_tokens && many_queries(item) && item.q_token_stride != head_dim;
+    };
+    const auto copies_out = [&](const AttendArgs<KvT>& item) {
+      return tiles_span_tokens && many_queries(item) && item.out_token_stride != head_dim;
     };
     std::size_t floats = 0;
-    for (std::ptrdiff_t i = 0; i < item_count; ++i)
-      if (wants_copy(items[i])) floats += 2 * std::size_t(slots(items[i])) * std::size_t(layout.kv_width());
+    for (std::ptrdiff_t i = 0; i < item_count; ++i) {
+      if (copies_kv(items[i])) floats += 2 * std::size_t(slots(items[i])) * std::size_t(layout.kv_width());
+      if (copies_q(items[i])) floats += std::size_t(items[i].q_len) * std::size_t(q_plane);
+      if (copies_out(items[i])) floats += std::size_t(items[i].q_len) * std::size_t(q_plane);
+    }
+    write_back_.clear();
     if (floats == 0) return items;
 
-    thread_local std::vector<AttendArgs<KvT>> copies;  // reused: no allocation per call
-    copies.assign(items, items + item_count);
+    copies_.assign(items, items + item_count);
     float* next = thread_scratch(floats, 2);
-    struct Copy {
-      const float* k;
-      const float* v;
-      std::ptrdiff_t token_stride, head_stride, slots;
-      float* k_out;
-      float* v_out;
-    };
-    thread_local std::vector<Copy> work;  // one entry per (item, kv head)
+    std::vector<HeadRowsCopy>& work = work_;
     work.clear();
-    for (AttendArgs<KvT>& item : copies) {
-      if (!wants_copy(item)) continue;
-      const std::ptrdiff_t item_slots = slots(item);
-      const std::ptrdiff_t plane = item_slots * layout.kv_width();
-      for (int h = 0; h < layout.kv_heads; ++h)
-        work.push_back({item.k + h * item.kv_head_stride, item.v + h * item.kv_head_stride, item.kv_token_stride,
-                        item.kv_head_stride, item_slots, next + h * item_slots * head_dim,
-                        next + plane + h * item_slots * head_dim});
-      item.k = next;
-      item.v = next + plane;
-      item.kv_token_stride = head_dim;
-      item.kv_head_stride = item_slots * head_dim;
-      next += 2 * plane;
-    }
-    const Copy* const jobs = work.data();  // workers must see the caller's list
-    parallel_for(pool, std::ptrdiff_t(work.size()), threads, [&](std::ptrdiff_t index, int) {
-      const Copy& job = jobs[index];
-      for (std::ptrdiff_t slot = 0; slot < job.slots; ++slot) {
-        std::copy_n(job.k + slot * job.token_stride, head_dim, job.k_out + slot * head_dim);
-        std::copy_n(job.v + slot * job.token_stride, head_dim, job.v_out + slot * head_dim);
+    // Jobs of token_chunk tokens: enough of them for every worker, each long enough to
+    // stream.
+    constexpr std::ptrdiff_t token_chunk = 64;
+    const auto add_jobs = [&](std::vector<HeadRowsCopy>& list, HeadRowsCopy job, std::ptrdiff_t tokens) {
+      for (std::ptrdiff_t first = 0; first < tokens; first += token_chunk) {
+        job.first_token = first;
+        job.tokens = std::min(token_chunk, tokens - first);
+        list.push_back(job);
       }
-    });
-    return copies.data();
+    };
+    for (AttendArgs<KvT>& item : copies_) {
+      if (copies_kv(item)) {
+        if constexpr (std::is_same_v<KvT, float>) {
+          const std::ptrdiff_t item_slots = slots(item);
+          const std::ptrdiff_t plane = item_slots * layout.kv_width();
+          const std::ptrdiff_t head_stride = item_slots * head_dim;
+          add_jobs(work, {item.k, next, item.kv_token_stride, item.kv_head_stride, head_dim, head_stride, 0, 0,
+                          layout.kv_heads}, item_slots);
+          add_jobs(work, {item.v, next + plane, item.kv_token_stride, item.kv_head_stride, head_dim, head_stride, 0, 0,
+                          layout.kv_heads}, item_slots);
+          item.k = next;
+          item.v = next + plane;
+          item.kv_token_stride = head_dim;
+          item.kv_head_stride = head_stride;
+          next += 2 * plane;
+        }
+      }
+      const std::ptrdiff_t q_head_stride = item.q_len * head_dim;  // head-major [q_heads][q_len][head_dim]
+      if (copies_q(item)) {
+        add_jobs(work, {item.q, next, item.q_token_stride, item.q_head_stride, head_dim, q_head_stride, 0, 0,
+                        layout.q_heads}, item.q_len);
+        item.q = next;
+        item.q_token_stride = head_dim;
+        item.q_head_stride = q_head_stride;
+        next += item.q_len * q_plane;
+      }
+      if (copies_out(item)) {
+        add_jobs(write_back_, {next, item.out, head_dim, q_head_stride, item.out_token_stride, item.out_head_stride, 0,
+                               0, layout.q_heads}, item.q_len);
+        item.out = next;
+        item.out_token_stride = head_dim;
+        item.out_head_stride = q_head_stride;
+        next += item.q_len * q_plane;
+      }
+    }
+    run(work, head_dim, pool, threads);
+    return copies_.data();
   }
-}
+
+  /// Copies staged outputs to the callers' memory (after every task and merge).
+  void write_back(int head_dim, ThreadPool& pool, int threads) const { run(write_back_, head_dim, pool, threads); }
+
+ private:
+  static void run(const std::vector<HeadRowsCopy>& list, int head_dim, ThreadPool& pool, int threads) {
+    const HeadRowsCopy* const jobs = list.data();  // workers must see the caller's list
+    parallel_for(pool, std::ptrdiff_t(list.size()), threads,
+                 [&](std::ptrdiff_t index, int) { jobs[index].run(head_dim); });
+  }
+
+  std::vector<AttendArgs<KvT>> copies_;
+  std::vector<HeadRowsCopy> work_, write_back_;
+};
 
 template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
 void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
@@ -1257,7 +1340,8 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
   const std::ptrdiff_t rows_per_tile = std::ptrdiff_t(group) * query_tile;
   ThreadPool& pool = items[0].pool ? *items[0].pool : ThreadPool::global();
   const int threads = items[0].threads;
-  items = with_head_major_kv(items, item_count, query_tile, pool, threads);
+  thread_local HeadMajorStaging<KvT> staging;  // reused: no allocation per call after the first
+  items = staging.prepare(items, item_count, query_tile, pool, threads);
 
   // Plan: per item, its (kv head, query tile) tasks and how many key splits each gets.
   struct Plan {
@@ -1297,7 +1381,7 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
     plan.first_partial = partial_rows;
     if (plan.splits > 1) partial_rows += plan.base_tasks * plan.splits * rows_per_tile;
   }
-  if (tasks == 0) return;
+  if (tasks == 0) return;  // no queries: nothing was staged either
 
   const FusedTask<Isa, HeadDimStatic, GroupStatic, KvT> sizing(items[0], query_tile);
   const std::size_t scratch_floats = sizing.scratch_floats();
@@ -1345,31 +1429,32 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
                partial_out + slot * head_dim, partial_lse + slot);
     }
   });
-  if (partial_rows == 0) return;
-
-  // Log-sum-exp merge of the key splits, row by row, into the output.
-  for (std::ptrdiff_t item_index = 0; item_index < item_count; ++item_index) {
-    const Plan& plan = plans[item_index];
-    const AttendArgs<KvT>& item = items[item_index];
-    if (plan.splits == 1) continue;
-    parallel_for(pool, plan.base_tasks, threads, [&](std::ptrdiff_t base_task, int) {
-      const Tile tile = tile_of(plan, item, base_task);
-      for (int r = 0; r < group * tile.queries; ++r) {
-        const std::ptrdiff_t query = tile.first_query + r / group;
-        const int q_head = tile.kv_head * group + r % group;
-        float* dst = item.out + query * item.out_token_stride + q_head * item.out_head_stride;
-        const std::ptrdiff_t first_slot = plan.first_partial + base_task * plan.splits * rows_per_tile + r;
-        float lse = partial_lse[first_slot];
-        std::copy_n(partial_out + first_slot * head_dim, head_dim, dst);
-        for (int split = 1; split < plan.splits; ++split) {
-          const std::ptrdiff_t slot = first_slot + std::ptrdiff_t(split) * rows_per_tile;
-          lse = merge_partial(dst, lse, partial_out + slot * head_dim, partial_lse[slot], dst, head_dim);
+  // Log-sum-exp merge of the key splits, row by row, into the output (staged or not).
+  if (partial_rows > 0) {
+    for (std::ptrdiff_t item_index = 0; item_index < item_count; ++item_index) {
+      const Plan& plan = plans[item_index];
+      const AttendArgs<KvT>& item = items[item_index];
+      if (plan.splits == 1) continue;
+      parallel_for(pool, plan.base_tasks, threads, [&](std::ptrdiff_t base_task, int) {
+        const Tile tile = tile_of(plan, item, base_task);
+        for (int r = 0; r < group * tile.queries; ++r) {
+          const std::ptrdiff_t query = tile.first_query + r / group;
+          const int q_head = tile.kv_head * group + r % group;
+          float* dst = item.out + query * item.out_token_stride + q_head * item.out_head_stride;
+          const std::ptrdiff_t first_slot = plan.first_partial + base_task * plan.splits * rows_per_tile + r;
+          float lse = partial_lse[first_slot];
+          std::copy_n(partial_out + first_slot * head_dim, head_dim, dst);
+          for (int split = 1; split < plan.splits; ++split) {
+            const std::ptrdiff_t slot = first_slot + std::ptrdiff_t(split) * rows_per_tile;
+            lse = merge_partial(dst, lse, partial_out + slot * head_dim, partial_lse[slot], dst, head_dim);
+          }
+          if (item.sinks) add_sink(dst, lse, item.sinks[q_head], head_dim);
+          if (item.lse) item.lse[query * layout.q_heads + q_head] = lse;
         }
-        if (item.sinks) add_sink(dst, lse, item.sinks[q_head], head_dim);
-        if (item.lse) item.lse[query * layout.q_heads + q_head] = lse;
-      }
-    });
+      });
+    }
   }
+  staging.write_back(head_dim, pool, threads);
 }
 
 /// Run-time head_dim and group size to the compile-time instantiations of the common
