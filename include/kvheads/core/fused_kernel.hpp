@@ -1195,9 +1195,18 @@ struct HeadRowsCopy {
   }
 };
 
+/// Queries (and as many outputs) above this size are staged head-major; below it the
+/// tasks' own reads and writes, a token row apart, cost no more than the copies (MHA
+/// causal prefill on Zen 5, 32 heads of 128: 8 MiB of queries 1.02x time on 1 thread and
+/// 1.05x on 2 when staged, 16 MiB 0.99x, 32 MiB 0.88x and 0.94x). A variable, not a
+/// constant, so the tests can run the staged path on small shapes (set it only while no
+/// attend() call runs).
+inline std::size_t staged_queries_min_bytes = std::size_t(16) << 20;
+
 /// Head-major staging of a call's operands for prefill. The tasks read each head's rows
-/// of many consecutive tokens: its keys (every query tile reads them all) and, when a
-/// tile spans more tokens than heads (MHA, small groups), its queries and output rows.
+/// of many consecutive tokens: its keys (each query tile reads them; copied when enough
+/// tiles do) and, when a tile spans more tokens than heads (MHA, small groups), its
+/// queries and output rows.
 /// In the token-major user layouts ([tokens][heads][head_dim]) such rows sit a whole
 /// token row apart, each on its own page, which the TLB and the hardware prefetchers
 /// follow badly; so they are copied head-major into scratch (slot 2, kept for later
@@ -1207,17 +1216,15 @@ struct HeadRowsCopy {
 /// Keys: GQA-8 causal prefill of 2048 tokens, 1 thread: 108-113 -> 135-156 GFLOP/s in two
 /// side-by-side runs. Queries and outputs, and the copies walked token by token instead
 /// of head by head: see bench/PERFORMANCE_LOG.md (2026-12-02, prefill staging).
-/// Queries (and as many outputs) above this size are staged head-major; below it the
-/// tasks' own reads and writes, a token row apart, cost no more than the copies (MHA
-/// causal prefill on Zen 5, 32 heads of 128: 8 MiB of queries 1.02x time on 1 thread and
-/// 1.05x on 2 when staged, 16 MiB 0.99x, 32 MiB 0.88x and 0.94x). A variable, not a
-/// constant, so the tests can run the staged path on small shapes (set it only while no
-/// attend() call runs).
-inline std::size_t staged_queries_min_bytes = std::size_t(16) << 20;
-
 template <class KvT>
 class HeadMajorStaging {
  public:
+  /// Keys are copied when more than this many query tiles read them. Fewer tiles read
+  /// strided keys faster than the copy, whose cost on this host also swings from call to
+  /// call (MHA causal prefill on Zen 5, mean call without the copy against with it: 512
+  /// tokens, 8 tiles per head, 0.85x on 1 thread and 0.93x on 2; 768, 12 tiles, 0.87x;
+  /// 1024, 16 tiles, 0.92x; 2048, 32 tiles, 1.09x; GQA-8 at 2048, 128 tiles, 1.12x).
+  static constexpr std::ptrdiff_t kv_copy_min_tiles = 16;
 
   /// The items to run: the originals, or copies pointing at head-major operands.
   const AttendArgs<KvT>* prepare(const AttendArgs<KvT>* items, std::ptrdiff_t item_count, int query_tile,
@@ -1235,7 +1242,8 @@ class HeadMajorStaging {
       if constexpr (!std::is_same_v<KvT, float>) {
         return false;  // reduced-precision K/V only come from caches, which are head-major
       } else {
-        return layout.kv_heads > 1 && item.kv_token_stride != head_dim && item.q_len > query_tile && item.kv_len > 0;
+        return layout.kv_heads > 1 && item.kv_token_stride != head_dim && item.kv_len > 0 &&
+               item.q_len > kv_copy_min_tiles * std::ptrdiff_t(query_tile);
       }
     };
     // A tile's rows are `query_tile` runs of `group` rows token-major, or `group` runs of
