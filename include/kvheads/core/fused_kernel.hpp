@@ -1252,7 +1252,8 @@ class HeadMajorStaging {
     // staged_queries_min_bytes).
     const bool tiles_span_tokens = query_tile > layout.group_size();
     const auto many_queries = [&](const AttendArgs<KvT>& item) {
-      return item.q_len > query_tile && std::size_t(item.q_len) * std::size_t(q_plane) * sizeof(float) > staged_queries_min_bytes;
+      const std::size_t bytes = std::size_t(item.q_len) * std::size_t(q_plane) * sizeof(float);
+      return item.q_len > query_tile && bytes > staged_queries_min_bytes;
     };
     const auto copies_q = [&](const AttendArgs<KvT>& item) {
       return tiles_span_tokens && many_queries(item) && item.q_token_stride != head_dim;
