@@ -711,6 +711,17 @@ class FusedTask {
     float* k_stage = row_bias + rows_padded;       // widened K/V rows of a block (non-float storage)
     float* v_stage = k_stage + std::ptrdiff_t(Tiling<Isa>::key_block) * dim_padded_;
 
+    // A query's rows are one short run in a token row of the user's memory (MHA: 512
+    // bytes of 16 KiB at head_dim 128); a tile's runs sit a token row apart, each on its
+    // own page, where the hardware prefetchers do not follow. Request all their lines
+    // before the copy below waits on them, and the output rows before they are written.
+    // Causal prefill of 512 tokens from plain memory, scratch driver, alternating builds,
+    // medians of 5 pairs, 1 / 2 threads: MHA 0.95x / 0.91-0.93x time, GQA-8 0.91x / 0.94x.
+    const bool scattered_q = scattered_rows(args_.q_token_stride, args_.q_head_stride, queries);
+    const bool scattered_out = !out_rows && scattered_rows(args_.out_token_stride, args_.out_head_stride, queries);
+    if (scattered_q)
+      for_each_line(args_.q, args_.q_token_stride, args_.q_head_stride, kv_head, first_query, rows,
+                    [](const float* line) { simd::prefetch(line); });
     // Stage the scaled queries: transposed for the by-rows kernel, padded rows otherwise.
     for (int r = 0; r < rows_padded; ++r) {
       const bool real = r < rows;
@@ -968,6 +979,9 @@ class FusedTask {
      }
     }
 
+    if (scattered_out)
+      for_each_line(args_.out, args_.out_token_stride, args_.out_head_stride, kv_head, first_query, rows,
+                    [](const float* line) { simd::prefetch_for_write(line); });
     // Normalise. A row that saw no key has sum 0 and outputs zeros, never NaN.
     for (int r = 0; r < rows; ++r) {
       const int query = r / group;
@@ -990,6 +1004,27 @@ class FusedTask {
   }
 
   static int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+  /// Whether a tile of `queries` queries reads (or writes) its rows as short runs, one per
+  /// query and under a page each, with gaps between them (see run_layout).
+  bool scattered_rows(std::ptrdiff_t token_stride, std::ptrdiff_t head_stride, int queries) const {
+    const std::ptrdiff_t run = std::ptrdiff_t(group_.get()) * head_dim_.get();
+    return queries > 1 && head_stride == head_dim_.get() && token_stride > run &&
+           run * std::ptrdiff_t(sizeof(float)) < std::ptrdiff_t(PageAhead::page);
+  }
+
+  /// Calls f with the first address of every cache line of the tile's rows (row r: query
+  /// r / group, query head kv_head * group + r % group) in a [tokens][heads][head_dim] tensor.
+  template <class F>
+  void for_each_line(const float* tensor, std::ptrdiff_t token_stride, std::ptrdiff_t head_stride, int kv_head,
+                     std::ptrdiff_t first_query, int rows, F&& f) const {
+    const int group = group_.get();
+    constexpr int line_floats = int(cache_line / sizeof(float));
+    for (int r = 0; r < rows; ++r) {
+      const float* row = tensor + (first_query + r / group) * token_stride + (kv_head * group + r % group) * head_stride;
+      for (int d = 0; d < head_dim_.get(); d += line_floats) f(row + d);
+    }
+  }
 
   /// Marks the probabilities of keys a row cannot see -1, after the softmax has summed
   /// them as 0, so P.V can leave out exactly those (SkipMasked) and still add visible keys

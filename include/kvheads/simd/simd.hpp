@@ -131,6 +131,16 @@ inline void prefetch(const void* p) {
 #endif
 }
 
+/// A hint to fetch the cache line holding p for writing (towards L1), as `prefetch`.
+inline void prefetch_for_write(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 1, 3);
+  __asm__ volatile("");  // keeps prefetch-only loops (see prefetch)
+#else
+  (void)p;
+#endif
+}
+
 }  // namespace kvheads::simd
 
 namespace kvheads::detail {
