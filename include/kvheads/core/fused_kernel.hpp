@@ -715,8 +715,9 @@ class FusedTask {
     // bytes of 16 KiB at head_dim 128); a tile's runs sit a token row apart, each on its
     // own page, where the hardware prefetchers do not follow. Request all their lines
     // before the copy below waits on them, and the output rows before they are written.
-    // Causal prefill of 512 tokens from plain memory, scratch driver, alternating builds,
-    // medians of 5 pairs, 1 / 2 threads: MHA 0.95x / 0.91-0.93x time, GQA-8 0.91x / 0.94x.
+    // Causal prefill of 512 tokens, bench_attend built before and after, alternating runs,
+    // medians of 4 pairs, 1 / 2 threads: MHA 0.96x / 0.94x time, GQA-8 0.91x / 0.89x (MHA
+    // at 1024 tokens 0.89x on 1 thread, scratch driver); see bench/PERFORMANCE_LOG.md.
     const bool scattered_q = scattered_rows(args_.q_token_stride, args_.q_head_stride, queries);
     const bool scattered_out = !out_rows && scattered_rows(args_.out_token_stride, args_.out_head_stride, queries);
     if (scattered_q)
@@ -1013,8 +1014,9 @@ class FusedTask {
            run * std::ptrdiff_t(sizeof(float)) < std::ptrdiff_t(PageAhead::page);
   }
 
-  /// Calls f with the first address of every cache line of the tile's rows (row r: query
-  /// r / group, query head kv_head * group + r % group) in a [tokens][heads][head_dim] tensor.
+  /// Calls f with an address in every 64 bytes of the tile's rows (row r: query r / group,
+  /// query head kv_head * group + r % group) in a [tokens][heads][head_dim] tensor: one
+  /// per cache line when the rows start on a line, as the tensors of a model's layers do.
   template <class F>
   void for_each_line(const float* tensor, std::ptrdiff_t token_stride, std::ptrdiff_t head_stride, int kv_head,
                      std::ptrdiff_t first_query, int rows, F&& f) const {
