@@ -112,11 +112,13 @@ TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows 
   // take register tiles of 1, 2 or 3 rows, in 32-key tiles), over several key blocks with
   // the next block requested ahead, and tails of both: 2600 keys = 2 x 1024 + 17 x 32 + 8
   // (16-float vectors) or 10 x 256 + 32 + 8. One row (MHA), two, three and four rows
-  // (GQA), and q_len 2 for rows of two positions.
+  // (GQA), five and seven (groups 5 and 7: one Q.K tile of one accumulator chain per row
+  // with 16-float vectors, many-row tiles below them), and q_len 2 for rows of two
+  // positions (up to eight rows in one few-row tile).
   for (int threads : {1, 2})
     for (int head_dim : {72, 128, 131})
       for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{6, 2, head_dim},
-                                       HeadLayout{8, 2, head_dim}})
+                                       HeadLayout{8, 2, head_dim}, HeadLayout{10, 2, head_dim}, HeadLayout{7, 1, head_dim}})
         for (int q_len : {1, 2}) {
           const Problem p(layout, q_len, 2600, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
           for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {

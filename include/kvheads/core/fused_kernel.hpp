@@ -225,10 +225,26 @@ struct Tiling {
   /// took decode of 16384 keys 7-13% longer than one (scratch driver, alternating builds,
   /// medians of 8: GQA-8 7.70 / 3.74 ms against 7.16 / 3.26 on 1 / 2 threads, MHA 25.0 /
   /// 13.45 against 23.25 / 12.05).
-  static constexpr int dims_rows = 4;
-  /// Keys per pass when a task has more rows than one Q.K-by-dims tile: each row tile
-  /// walks these keys in turn while they are in L1.
-  static constexpr int dims_key_tile = 32;
+  /// Every few-row task (at most half a vector of rows) is one tile, so one pass reads
+  /// each K row once. With 16-float vectors that is up to 8 rows (group sizes 5-8, or
+  /// group 4 with two queries): two 4-row tiles taking turns over 32-key tiles in L1 left
+  /// the DRAM stream idle during the second tile's turn. Zen 5, scratch driver, decode
+  /// from a KvCache, 4 KV heads, head_dim 128, 32768 keys, 1 thread, medians of 3
+  /// alternating rounds, with dims_one_chain and dims_reduce_each below: group 8 6.20 ->
+  /// 5.33 ms (0.86x; 2 threads 0.88x), group 7 0.84x, 6 0.78x, 5 0.81x; in cache (2048
+  /// keys) 0.95-0.99x.
+  static constexpr int dims_rows = width >= 8 ? width / 2 : 4;
+  static_assert(2 * dims_rows >= width, "a few-row task is one Q.K tile");
+  /// One accumulator chain per row from 5 rows on, not two: five or more rows' chains
+  /// already hide the FMA latency, and the registers freed hold query vectors instead
+  /// (8 rows at head_dim 128 on AVX-512: 2 per row, not 1). Group 8 decode from DRAM
+  /// 5.33-5.47 against 5.28-5.45 ms with two chains, in cache 232 against 242 us; group 6
+  /// 4.30-4.37 against 4.65-4.77 ms.
+  static constexpr bool dims_one_chain(int rows) { return rows >= 5; }
+  /// Reduce a key's row sums with one reduce_sum_each (padded to a vector of inputs)
+  /// rather than one reduce_sum per row from 5 rows on: 7 rows, from DRAM 5.22-5.25
+  /// against 5.99-6.05 ms, in cache 240-244 against 254-255 us.
+  static constexpr bool dims_reduce_each(int rows) { return width > 1 && (2 * rows >= width || rows >= 5); }
   /// Query vectors per row the Q.K-by-dims kernel holds in registers for a whole pass over
   /// the keys (0 when head_dim is only known at run time), leaving registers for the two
   /// accumulator chains per row, the K vector and spares. Each query vector held is one
@@ -241,7 +257,7 @@ struct Tiling {
   /// Five vectors per row (one fewer spare) was no faster in cache and slower from DRAM.
   static constexpr int dims_held_vecs(int rows, int dim_padded) {
     if (dim_padded == Dynamic) return 0;
-    const int spare = Isa::registers - 2 * rows - 8;
+    const int spare = Isa::registers - (dims_one_chain(rows) ? 1 : 2) * rows - 8;
     return std::max(0, std::min(dim_padded / width, spare / rows));
   }
   /// P.V by rows (many rows): the Q.K tile's shape, up to pv_row_vecs row vectors x
@@ -355,8 +371,9 @@ struct PrefetchRows {
 /// to whole vectors ([rows][dim_padded]); logit (key j, row r) goes to
 /// logits[r * row_stride + j]. The first Held vectors of each row's query stay in
 /// registers for the whole pass (see Tiling::dims_held_vecs), the rest are loaded per key.
-/// A key's Rows horizontal sums are done width at a time by reduce_sum_each when they fill
-/// at least half a vector (a fraction of reduce_sum's cost each), else one by one.
+/// A key's Rows horizontal sums are done width at a time by reduce_sum_each when there
+/// are enough of them (a fraction of reduce_sum's cost each, see
+/// Tiling::dims_reduce_each), else one by one.
 /// `ahead`: rows to request while the pass walks its keys (one key's rows per key);
 /// `pages`: requests ahead of the K rows themselves.
 template <class Isa, int Rows, int Held, class DimPadded>
@@ -364,6 +381,7 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
                                  int keys, int row_stride, float* logits, PrefetchRows ahead, PageAhead pages) {
   using V = typename Isa::vec;
   constexpr int width = Isa::width;
+  constexpr bool one_chain = Tiling<Isa>::dims_one_chain(Rows);
   const int dim_vecs = dim_padded.get() / width;
   V held[Rows][Held > 0 ? Held : 1];
   for (int r = 0; r < Rows; ++r)
@@ -376,14 +394,15 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
     const float* key = k + j * k_stride;
     pages.row(key);
     // Two accumulator chains per row (even and odd vectors of head_dim), so a key's dot
-    // products are not one FMA latency per vector long.
+    // products are not one FMA latency per vector long; one (`even`) when enough rows
+    // hide that latency (see Tiling::dims_one_chain).
     V even[Rows], odd[Rows];
     for (int r = 0; r < Rows; ++r) even[r] = odd[r] = Isa::zero();
     for (int c = 0; c < Held; ++c) {
       V key_vec = Isa::load(key + c * width);
       Isa::hold(key_vec);  // one load per K vector, not one folded into each row's FMA
       for (int r = 0; r < Rows; ++r) {
-        V& sum = c % 2 ? odd[r] : even[r];
+        V& sum = c % 2 && !one_chain ? odd[r] : even[r];
         sum = Isa::fma(held[r][c], key_vec, sum);
       }
     }
@@ -398,13 +417,17 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
     };
     // Explicit pairs: a chain chosen by a run-time parity would keep the sums in memory.
     int c = Held;
-    for (; c + 2 <= dim_vecs; c += 2) {
-      step(c, Held % 2 ? odd : even);
-      step(c + 1, Held % 2 ? even : odd);
+    if constexpr (one_chain) {
+      for (; c < dim_vecs; ++c) step(c, even);
+    } else {
+      for (; c + 2 <= dim_vecs; c += 2) {
+        step(c, Held % 2 ? odd : even);
+        step(c + 1, Held % 2 ? even : odd);
+      }
+      if (c < dim_vecs) step(c, Held % 2 ? odd : even);
+      for (int r = 0; r < Rows; ++r) even[r] = Isa::add(even[r], odd[r]);
     }
-    if (c < dim_vecs) step(c, Held % 2 ? odd : even);
-    for (int r = 0; r < Rows; ++r) even[r] = Isa::add(even[r], odd[r]);
-    if constexpr (2 * Rows >= width && width > 1) {
+    if constexpr (Tiling<Isa>::dims_reduce_each(Rows)) {
       static_assert(Rows <= width, "one reduce_sum_each per key");
       V padded[width];
       for (int i = 0; i < width; ++i) padded[i] = i < Rows ? even[i] : Isa::zero();
@@ -850,22 +873,12 @@ class FusedTask {
 
       // Logits of the block.
       if (by_dims) {  // row-major logits: row r at logits + r * key_block
-        constexpr int tile_rows = Tiling<Isa>::dims_rows;
-        // One row tile walks the whole block; several take turns over key tiles in L1.
-        const int key_tile = rows > tile_rows ? Tiling<Isa>::dims_key_tile : keys;
-        for (int first_key = 0; first_key < keys; first_key += key_tile) {
-          const int tile_keys = std::min(key_tile, keys - first_key);
-          const PrefetchRows tile_ahead = during_qk.from_key(first_key);
-          for (int r = 0; r < rows; r += tile_rows)
-            with_tile_size<tile_rows>(rows - r, [&](auto rows_now) {
-              constexpr int held = Tiling<Isa>::dims_held_vecs(rows_now.value, dim_padded_static);
-              qk_by_dims<Isa, rows_now.value, held>(queries_buf + std::ptrdiff_t(r) * dim_padded_,
-                                                    Size<dim_padded_static>(dim_padded_),
-                                                    k_rows + first_key * row_stride, row_stride, tile_keys, key_block,
-                                                    logits + std::ptrdiff_t(r) * key_block + first_key,
-                                                    r == 0 ? tile_ahead : PrefetchRows{}, r == 0 ? pages : PageAhead{});
-            });
-        }
+        // One tile of all the rows walks the whole block (see Tiling::dims_rows).
+        with_tile_size<Tiling<Isa>::dims_rows>(rows, [&](auto rows_now) {
+          constexpr int held = Tiling<Isa>::dims_held_vecs(rows_now.value, dim_padded_static);
+          qk_by_dims<Isa, rows_now.value, held>(queries_buf, Size<dim_padded_static>(dim_padded_), k_rows,
+                                                row_stride, keys, key_block, logits, during_qk, pages);
+        });
       } else {
         constexpr int tile_keys = Tiling<Isa>::qk_keys, tile_row_vecs = Tiling<Isa>::qk_row_vecs;
         const int row_vecs = rows_padded / width;
