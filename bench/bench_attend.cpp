@@ -57,6 +57,9 @@ using kvheads_bench::Work;
 constexpr int kQHeads = 32;
 constexpr int kHeadDim = 128;
 constexpr int kKvHeads[] = {32, 8, 1};
+// Decode of 16384 keys for the group sizes between the standard ones (groups of 2, 8 and
+// 16 query heads), which take other tiles in the kernel: not targets, no Eigen run.
+constexpr int kOtherKvHeads[] = {16, 4, 2};
 constexpr int kDecodeLens[] = {4096, 16384};
 constexpr int kPrefillLens[] = {512, 2048};
 constexpr int kThreadCounts[] = {1, 2};
@@ -109,8 +112,11 @@ struct Case {
            (in_cache ? "/in_cache" : "") + (plain ? "/plain" : "") + "/threads:" + std::to_string(threads);
   }
   bool cold() const { return layers > 1; }
+  bool standard_heads() const {
+    return std::find(std::begin(kKvHeads), std::end(kKvHeads), kv_heads) != std::end(kKvHeads);
+  }
   /// Not one of the standard cases: no Eigen run, no target.
-  bool diagnostic() const { return cold() || in_cache || plain; }
+  bool diagnostic() const { return cold() || in_cache || plain || !standard_heads(); }
   /// Cases that share inputs (all but the thread count).
   std::string data_key() const { return name().substr(0, name().rfind("/threads:")); }
 
@@ -158,6 +164,8 @@ std::vector<Case> all_cases() {
       c.in_cache = true;
       cases.push_back(c);
     }
+  for (int kv_heads : kOtherKvHeads)
+    for (int threads : kThreadCounts) cases.push_back(Case{Kind::decode, kv_heads, 16384, threads});
   // Decode of 16384 keys from plain memory, where the KV heads interleave (MQA's one head
   // is contiguous either way).
   for (int kv_heads : kKvHeads)
