@@ -238,8 +238,8 @@ struct Tiling {
   /// One accumulator chain per row from 5 rows on, not two: five or more rows' chains
   /// already hide the FMA latency, and the registers freed hold query vectors instead
   /// (8 rows at head_dim 128 on AVX-512: 2 per row, not 1). Group 8 decode from DRAM
-  /// 5.33-5.47 against 5.28-5.45 ms with two chains, in cache 232 against 242 us; group 6
-  /// 4.30-4.37 against 4.65-4.77 ms.
+  /// 5.26-5.37 against 5.28-5.45 ms with two chains, in cache 232-234 against 241-243 us;
+  /// group 6 4.30-4.37 against 4.65-4.77 ms.
   static constexpr bool dims_one_chain(int rows) { return rows >= 5; }
   /// Reduce a key's row sums with one reduce_sum_each (padded to a vector of inputs)
   /// rather than one reduce_sum per row from 5 rows on: 7 rows, from DRAM 5.22-5.25
