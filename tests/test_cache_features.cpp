@@ -144,6 +144,44 @@ TEST_CASE("a sliding-window ring equals a full cache with the same window over a
     }
 }
 
+TEST_CASE("a ring attends with its own window or a narrower one, and refuses a wider one", "[cache][ring]") {
+  const HeadLayout layout{8, 2, 16};
+  const int window = 20, steps = 50;
+  const Problem p(layout, steps, steps, 5);
+  KvCache<float> full(layout, steps);
+  KvCache<float> ring = KvCache<float>::ring(layout, window);
+  full.append(p.k.data(), p.v.data(), steps);
+  for (int t = 0; t < steps; t += 7) ring.append(p.k.data() + std::ptrdiff_t(t) * layout.kv_width(),
+                                                 p.v.data() + std::ptrdiff_t(t) * layout.kv_width(), std::min(7, steps - t));
+  const float* q = p.q.data() + std::ptrdiff_t(steps - 1) * layout.q_width();
+  std::vector<float> a(std::size_t(layout.q_width())), b(a.size());
+  for (int asked : {0, window, 7, 1}) {
+    INFO("options.window " << asked);
+    AttentionOptions full_options, ring_options;
+    full_options.window = asked > 0 ? asked : window;
+    ring_options.window = asked;
+    kvheads::attend(q, 1, full, a.data(), full_options);
+    kvheads::attend(q, 1, ring, b.data(), ring_options);
+    CHECK(relative_error(b, a) <= 1e-6);
+  }
+  // A wider window needs keys the ring has overwritten: an error, never a narrower answer.
+  AttentionOptions wider;
+  wider.window = window + 1;
+  CHECK_THROWS_AS(kvheads::attend(q, 1, ring, b.data(), wider), std::invalid_argument);
+  CHECK_THROWS_WITH(kvheads::attend(q, 1, ring, b.data(), wider),
+                    Catch::Contains("window (21) must not exceed the ring cache's window (20)"));
+  // A layer refuses it before appending anything.
+  kvheads::Attention<float> layer(16, layout);
+  KvCache<float> layer_ring = KvCache<float>::ring(layout, window);
+  const std::vector<float> x = random_vector(16, 9);
+  std::vector<float> out(16);
+  layer.forward(x.data(), 1, layer_ring, out.data());
+  CHECK_THROWS_WITH(layer.forward(x.data(), 1, layer_ring, out.data(), wider),
+                    Catch::Contains("window (21) must not exceed the ring cache's window (20)"));
+  CHECK(layer_ring.size() == 1);
+  CHECK(layer_ring.position() == 1);
+}
+
 TEST_CASE("a ring made for several queries per call serves chunked prefill", "[cache][ring]") {
   const HeadLayout layout{8, 2, 16};
   const int window = 20, chunk = 4, steps = 100;

@@ -6,7 +6,9 @@
 
 #include <catch2/catch.hpp>
 
-#include "kvheads/convert.hpp"
+// Through the umbrella only: conversion is part of the public API it promises (and
+// tests/headers checks convert.hpp on its own).
+#include "kvheads/kvheads.hpp"
 
 namespace {
 

@@ -92,10 +92,15 @@ inline AttendArgs<float> plain_args(const float* q, const float* k, const float*
   return args;
 }
 
-/// The window a ring attends with: its own, or a narrower one the caller asks for.
+/// The window a ring attends with: its own (options.window 0), or a narrower one the
+/// caller asks for. A wider one would need keys the ring has already overwritten, so it
+/// is an error rather than a silently narrower window.
 template <class T>
 int ring_window(const KvCache<T>& cache, const AttentionOptions& options) {
-  return options.window > 0 ? std::min(options.window, cache.window()) : cache.window();
+  if (options.window > cache.window())
+    throw_invalid("window (", options.window, ") must not exceed the ring cache's window (", cache.window(),
+                  "): the ring keeps only the keys of that window (0 attends with the ring's own)");
+  return options.window > 0 ? options.window : cache.window();
 }
 
 /// Throws unless a ring whose oldest kept key is at first_key_position still holds every

@@ -116,7 +116,9 @@ class KvCache {
   }
 
   /// A ring for sliding-window attention over `window` tokens that can serve up to
-  /// `max_queries` queries per call (capacity = window + max_queries - 1).
+  /// `max_queries` queries per call (capacity = window + max_queries - 1). attend() on it
+  /// uses that window when options.window is 0, a narrower options.window as given, and
+  /// throws std::invalid_argument for a wider one.
   static KvCache ring(HeadLayout layout, int window, int max_queries = 1) {
     if (max_queries <= 0) detail::throw_invalid("max_queries (", max_queries, ") must be positive");
     if (window <= 0) detail::throw_invalid("ring window (", window, ") must be positive");
