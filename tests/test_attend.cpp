@@ -110,17 +110,18 @@ TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows 
   // Few-row (decode) tasks whose head_dim rows exceed the P.V register tile (on 16-register
   // ISAs the first row's pass accumulates the rest of its row in L1 and the other rows
   // take register tiles of 1, 2 or 3 rows, in 32-key tiles), over several key blocks with
-  // the next block requested ahead, and tails of both: 2600 keys = 2 x 1024 + 17 x 32 + 8
-  // (16-float vectors) or 10 x 256 + 32 + 8. One row (MHA), two, three and four rows
+  // the next block requested ahead, and tails of both: 2601 keys = 2 x 1024 + 17 x 32 + 9
+  // (16-float vectors) or 10 x 256 + 32 + 9; the odd last block leaves two-key Q.K passes
+  // (Tiling::dims_key_pairs) one key to do alone. One row (MHA), two, three and four rows
   // (GQA), five and seven (groups 5 and 7: one Q.K tile of one accumulator chain per row
-  // with 16-float vectors, many-row tiles below them), and q_len 2 for rows of two
-  // positions (up to eight rows in one few-row tile).
+  // with 16-float vectors, keys two at a time, many-row tiles below them), and q_len 2 for
+  // rows of two positions (up to eight rows in one few-row tile).
   for (int threads : {1, 2})
     for (int head_dim : {72, 128, 131})
       for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{6, 2, head_dim},
                                        HeadLayout{8, 2, head_dim}, HeadLayout{10, 2, head_dim}, HeadLayout{7, 1, head_dim}})
         for (int q_len : {1, 2}) {
-          const Problem p(layout, q_len, 2600, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
+          const Problem p(layout, q_len, 2601, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
           for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
             options.threads = threads;
             check_against_reference<Isa>(p, options);

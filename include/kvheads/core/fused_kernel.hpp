@@ -245,6 +245,18 @@ struct Tiling {
   /// rather than one reduce_sum per row from 5 rows on: 7 rows, from DRAM 5.22-5.25
   /// against 5.99-6.05 ms, in cache 240-244 against 254-255 us.
   static constexpr bool dims_reduce_each(int rows) { return width > 1 && (2 * rows >= width || rows >= 5); }
+  /// From 5 rows on, when two keys' rows fit one vector of sums (5-8 rows with 16-float
+  /// vectors), Q.K takes two adjacent keys at a time: each query vector loaded feeds both
+  /// keys (36 loads per key instead of 56 at 8 rows and head_dim 128) and one
+  /// reduce_sum_each takes both keys' sums. Reading two K rows side by side slows the DRAM
+  /// stream on Zen 5 (as for four rows, see dims_rows above), so the pass also requests
+  /// its own rows dims_pair_ahead keys ahead, in order, which keeps the stream whole.
+  /// Group 8 decode (4 KV heads, head_dim 128, 32768 keys), scratch driver, one pinned
+  /// core, six alternating pairs: 5.33-5.67 -> 4.66-4.89 ms (0.87-0.90x); 2 threads
+  /// 0.82-0.90x; without the requests 6.75-6.85 ms, with them 8 keys ahead 5.3-6.1.
+  /// Groups of 4 (GQA-8) gained nothing from pairs in cache, so they keep one key at a time.
+  static constexpr bool dims_key_pairs(int rows) { return dims_one_chain(rows) && 2 * rows <= width; }
+  static constexpr int dims_pair_ahead = 16;
   /// Query vectors per row the Q.K-by-dims kernel holds in registers for a whole pass over
   /// the keys (0 when head_dim is only known at run time), leaving registers for the two
   /// accumulator chains per row, the K vector and spares. Each query vector held is one
@@ -257,7 +269,8 @@ struct Tiling {
   /// Five vectors per row (one fewer spare) was no faster in cache and slower from DRAM.
   static constexpr int dims_held_vecs(int rows, int dim_padded) {
     if (dim_padded == Dynamic) return 0;
-    const int spare = Isa::registers - (dims_one_chain(rows) ? 1 : 2) * rows - 8;
+    const int chains = dims_key_pairs(rows) ? 2 : dims_one_chain(rows) ? 1 : 2;  // per row
+    const int spare = Isa::registers - chains * rows - 8;
     return std::max(0, std::min(dim_padded / width, spare / rows));
   }
   /// P.V by rows (many rows): the Q.K tile's shape, up to pv_row_vecs row vectors x
@@ -381,11 +394,15 @@ struct PrefetchRows {
 /// A key's Rows horizontal sums are done width at a time by reduce_sum_each when there
 /// are enough of them (a fraction of reduce_sum's cost each, see
 /// Tiling::dims_reduce_each), else one by one.
+/// Keys go two at a time where Tiling::dims_key_pairs says so (the last one of an odd
+/// count alone).
 /// `ahead`: rows to request while the pass walks its keys (one key's rows per key);
-/// `pages`: requests ahead of the K rows themselves.
+/// `pages`: requests ahead of the K rows themselves; `own_rows`: the K rows themselves,
+/// when read from memory (requested dims_pair_ahead keys ahead by the two-key loop).
 template <class Isa, int Rows, int Held, class DimPadded>
 KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k, std::ptrdiff_t k_stride,
-                                 int keys, int row_stride, float* logits, PrefetchRows ahead, PageAhead pages) {
+                                 int keys, int row_stride, float* logits, PrefetchRows ahead, PageAhead pages,
+                                 PrefetchRows own_rows) {
   using V = typename Isa::vec;
   constexpr int width = Isa::width;
   constexpr bool one_chain = Tiling<Isa>::dims_one_chain(Rows);
@@ -396,7 +413,51 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
       held[r][c] = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + c * width);
       Isa::hold(held[r][c]);
     }
-  for (int j = 0; j < keys; ++j) {
+  int j = 0;
+  if constexpr (Tiling<Isa>::dims_key_pairs(Rows)) {
+    constexpr int ahead_keys = Tiling<Isa>::dims_pair_ahead;
+    const auto query_vec = [&](int r, int c) {
+      if (c < Held) return held[r][c < Held ? c : 0];
+      V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + c * width);
+      Isa::hold(q);
+      return q;
+    };
+    for (; j + 2 <= keys; j += 2) {
+      ahead.key(j);
+      ahead.key(j + 1);
+      own_rows.key(j + ahead_keys);
+      own_rows.key(j + ahead_keys + 1);
+      const float* first = k + j * k_stride;
+      const float* second = first + k_stride;
+      pages.row(first);
+      pages.row(second);
+      V first_sums[Rows], second_sums[Rows];
+      for (int r = 0; r < Rows; ++r) first_sums[r] = second_sums[r] = Isa::zero();
+      for (int c = 0; c < dim_vecs; ++c) {
+        V first_vec = Isa::load(first + c * width), second_vec = Isa::load(second + c * width);
+        Isa::hold(first_vec);
+        Isa::hold(second_vec);
+        for (int r = 0; r < Rows; ++r) {
+          const V q = query_vec(r, c);
+          first_sums[r] = Isa::fma(q, first_vec, first_sums[r]);
+          second_sums[r] = Isa::fma(q, second_vec, second_sums[r]);
+        }
+      }
+      // Both keys' sums in one reduction: the first key's in lanes [0, Rows), the second's
+      // from half a vector on.
+      constexpr int half = width / 2;
+      V inputs[width];
+      for (int i = 0; i < width; ++i)
+        inputs[i] = i < Rows ? first_sums[i] : i >= half && i < half + Rows ? second_sums[i - half] : Isa::zero();
+      float sums[width];
+      Isa::store(sums, Isa::reduce_sum_each(inputs));
+      for (int r = 0; r < Rows; ++r) {
+        logits[std::ptrdiff_t(r) * row_stride + j] = sums[r];
+        logits[std::ptrdiff_t(r) * row_stride + j + 1] = sums[half + r];
+      }
+    }
+  }
+  for (; j < keys; ++j) {
     ahead.key(j);
     const float* key = k + j * k_stride;
     pages.row(key);
@@ -877,6 +938,12 @@ class FusedTask {
       // Few-row passes that request nothing ahead request a line a few pages ahead instead
       // (see PageAhead).
       const PageAhead pages = by_dims && k_rows != k_stage && !request_ahead ? stored_pages : PageAhead{};
+      // The block's own K rows, for the few-row passes that request them ahead themselves
+      // (Tiling::dims_key_pairs); none when they were staged into scratch.
+      const PrefetchRows own_k_rows =
+          k_rows != k_stage ? PrefetchRows{reinterpret_cast<const char*>(k_rows), row_stride * std::ptrdiff_t(sizeof(float)),
+                                           keys, (dim_padded_ * int(sizeof(float)) + 63) / 64}
+                            : PrefetchRows{};
 
       // Logits of the block.
       if (by_dims) {  // row-major logits: row r at logits + r * key_block
@@ -884,7 +951,7 @@ class FusedTask {
         with_tile_size<Tiling<Isa>::dims_rows>(rows, [&](auto rows_now) {
           constexpr int held = Tiling<Isa>::dims_held_vecs(rows_now.value, dim_padded_static);
           qk_by_dims<Isa, rows_now.value, held>(queries_buf, Size<dim_padded_static>(dim_padded_), k_rows,
-                                                row_stride, keys, key_block, logits, during_qk, pages);
+                                                row_stride, keys, key_block, logits, during_qk, pages, own_k_rows);
         });
       } else {
         constexpr int tile_keys = Tiling<Isa>::qk_keys, tile_row_vecs = Tiling<Isa>::qk_row_vecs;
