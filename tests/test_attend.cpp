@@ -169,6 +169,43 @@ TEMPLATE_LIST_TEST_CASE("every ISA's plain-memory decode, read in key chunks hea
       }
 }
 
+TEST_CASE("plain-memory decode requests exactly the rows the task two heads on reads, and only rows that exist",
+          "[attend]") {
+  // Tasks run chunk by chunk, every head of a chunk in turn; while one reads its rows it
+  // requests those of the task two places later in that order (none past the last task).
+  struct Rows {
+    int head;
+    std::ptrdiff_t first_token, tokens;
+    bool operator==(const Rows& o) const { return head == o.head && first_token == o.first_token && tokens == o.tokens; }
+  };
+  for (int kv_heads : {2, 3, 4, 8, 32})
+    for (std::ptrdiff_t kv_len : {512, 513, 1000, 4097, 16384}) {
+      const std::ptrdiff_t chunks = kv_len / kvheads::detail::heads_chunk_keys;
+      const std::ptrdiff_t chunk_keys = (kv_len + chunks - 1) / chunks;
+      std::vector<Rows> order;
+      for (std::ptrdiff_t first = 0; first < kv_len; first += chunk_keys)
+        for (int head = 0; head < kv_heads; ++head) order.push_back({head, first, std::min(chunk_keys, kv_len - first)});
+      for (std::size_t i = 0; i < order.size(); ++i) {
+        const Rows& task = order[i];
+        const auto ahead = kvheads::detail::rows_ahead(task.head, kv_heads, int(task.tokens),
+                                                       kv_len - (task.first_token + task.tokens));
+        INFO("kv_heads " << kv_heads << ", kv_len " << kv_len << ", task " << i << " (head " << task.head
+                         << ", tokens " << task.first_token << "+" << task.tokens << ")");
+        if (i + 2 < order.size()) {
+          REQUIRE(ahead.tokens > 0);
+          CHECK(Rows{ahead.head, task.first_token + ahead.first_token, ahead.tokens} == order[i + 2]);
+        } else {
+          CHECK(ahead.tokens == 0);
+        }
+        if (ahead.tokens > 0) {
+          CHECK(ahead.head >= 0);
+          CHECK(ahead.head < kv_heads);
+          CHECK(task.first_token + ahead.first_token + ahead.tokens <= kv_len);
+        }
+      }
+    }
+}
+
 TEST_CASE("plain-memory prefill (K/V copied head-major) equals the cache path bit for bit", "[attend]") {
   // Plain K/V interleave the KV heads; a prefill copies each head's keys into contiguous
   // scratch first. A KvCache is head-major already, so the two paths must agree exactly,

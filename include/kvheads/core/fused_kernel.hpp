@@ -723,6 +723,37 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
       });
 }
 
+/// Keys per split when a plain-memory decode reads its KV heads chunk by chunk (see
+/// reads_heads_in_chunks): one few-row key block. GQA-8 decode of 16384 keys on Zen 5, 1
+/// thread: 7.2-7.6 ms, as with 512 (7.2-7.3) and 1024 keys (7.4); 64 and 128 keys were
+/// slower (8.6-9.2, 7.6-8.5 ms): more partial rows to write and merge.
+inline constexpr std::ptrdiff_t heads_chunk_keys = 256;
+
+/// The rows a few-row pass over plain-memory K/V requests while it reads `keys` token rows
+/// of `kv_head` (see FusedTask): those that the task heads_ahead heads on reads, which on
+/// each worker is the next task but one when the tasks go chunk by chunk, every head of a
+/// chunk in turn. Past the last heads that is a first head over the next chunk, which
+/// starts `keys` tokens on and has at most `keys_after` tokens left to read.
+struct RowsAhead {
+  int head = 0;
+  std::ptrdiff_t first_token = 0;  // relative to the pass's first token
+  int tokens = 0;                  // 0: nothing to request
+};
+inline RowsAhead rows_ahead(int kv_head, int kv_heads, int keys, std::ptrdiff_t keys_after) {
+  constexpr int heads_ahead = 2;
+  const int target = kv_head + heads_ahead;
+  if (target < kv_heads) return {target, 0, keys};
+  return {target % kv_heads, keys, int(std::clamp<std::ptrdiff_t>(keys_after, 0, keys))};
+}
+
+/// K/V in plain memory that interleaves several heads per token row, and enough keys to
+/// read them chunk by chunk (see reads_heads_in_chunks).
+template <class KvT>
+bool token_rows_in_chunks(const AttendArgs<KvT>& item) {
+  return item.layout.kv_heads > 1 && item.kv_token_stride != item.layout.head_dim &&
+         item.kv_len >= 2 * heads_chunk_keys;
+}
+
 // ---------------------------------------------------------------------------------------
 // One task: a KV head, a tile of queries, and a contiguous range of keys.
 
@@ -934,6 +965,30 @@ class FusedTask {
         const PrefetchRows this_v{reinterpret_cast<const char*>(v), stride, keys, by_dims ? lines : 1};
         during_qk = by_dims ? next_k : this_v;
         during_pv = by_dims ? next_v : next_k;
+      }
+      // Plain-memory K/V interleave the KV heads ([tokens][kv_heads][head_dim]), so this
+      // head's rows sit a token row apart, each on its own page, where the hardware
+      // prefetchers do not follow. A decode long enough to read them chunk by chunk (see
+      // reads_heads_in_chunks) runs a chunk's heads one after another on each worker, so
+      // its few-row passes request the slices of the same token rows that the task two
+      // heads on will read (see rows_ahead). Zen 4, both builds in one process taking
+      // turns, medians of 15-21 rounds of the time ratio, q_heads 32, head_dim 128, 16384
+      // keys, 1 / 2 threads: GQA-8 0.61x / 0.64x time, MHA 0.60x / 0.72x, groups of 8
+      // 0.68x, of 16 0.98x; 4096 keys GQA-8 0.56x, MHA 0.59x; head_dim 64 0.44x; 400 keys
+      // (not read in chunks) 1.00x. One head ahead gained less (GQA-8 0.81x), three or four
+      // were slower than two (1.13x, 1.27x), and no requests past the chunk's last heads
+      // 1.10-1.16x.
+      if (by_dims && k_rows != k_stage && !request_ahead && token_rows_in_chunks(args_)) {
+        const RowsAhead target =
+            rows_ahead(kv_head, args_.layout.kv_heads, keys, stored.first_position + stored.count - (block + keys));
+        if (target.tokens > 0) {
+          const std::ptrdiff_t offset =
+              (target.head - kv_head) * args_.kv_head_stride + target.first_token * args_.kv_token_stride;
+          const std::ptrdiff_t stride = args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT));
+          const int lines = (head_dim * int(sizeof(KvT)) + 63) / 64;
+          during_qk = PrefetchRows{reinterpret_cast<const char*>(k + offset), stride, target.tokens, lines};
+          during_pv = PrefetchRows{reinterpret_cast<const char*>(v + offset), stride, target.tokens, lines};
+        }
       }
       // Few-row passes that request nothing ahead request a line a few pages ahead instead
       // (see PageAhead).
@@ -1284,12 +1339,6 @@ class FusedTask {
   int dim_padded_;
 };
 
-/// Keys per split when a plain-memory decode reads its KV heads chunk by chunk (see
-/// reads_heads_in_chunks): one few-row key block. GQA-8 decode of 16384 keys on Zen 5, 1
-/// thread: 7.2-7.6 ms, as with 512 (7.2-7.3) and 1024 keys (7.4); 64 and 128 keys were
-/// slower (8.6-9.2, 7.6-8.5 ms): more partial rows to write and merge.
-inline constexpr std::ptrdiff_t heads_chunk_keys = 256;
-
 /// Plain-memory K/V interleave the KV heads ([tokens][kv_heads][head_dim]), so one head's
 /// keys sit a token row apart, each on its own page. A decode that walked head after head
 /// would read a 512-byte slice of every token row per pass, which the prefetchers follow
@@ -1304,8 +1353,7 @@ inline constexpr std::ptrdiff_t heads_chunk_keys = 256;
 template <class KvT>
 bool reads_heads_in_chunks(const AttendArgs<KvT>& item, std::ptrdiff_t rows_per_task, std::ptrdiff_t query_tiles) {
   constexpr std::ptrdiff_t max_rows = 16;
-  return item.layout.kv_heads > 1 && item.kv_token_stride != item.layout.head_dim && query_tiles == 1 &&
-         rows_per_task <= max_rows && item.kv_len >= 2 * heads_chunk_keys;
+  return token_rows_in_chunks(item) && query_tiles == 1 && rows_per_task <= max_rows;
 }
 
 // ---------------------------------------------------------------------------------------
