@@ -257,6 +257,17 @@ struct Tiling {
   /// Groups of 4 (GQA-8) gained nothing from pairs in cache, so they keep one key at a time.
   static constexpr bool dims_key_pairs(int rows) { return dims_one_chain(rows) && 2 * rows <= width; }
   static constexpr int dims_pair_ahead = 16;
+  /// Tasks of exactly 4 rows with 32 registers (GQA groups of 4, the one-key loop) also
+  /// request their own K rows ahead, dims_own_ahead_bytes of rows (16 keys at head_dim
+  /// 128): on their own the hardware prefetchers ran the stream well below a plain sum's
+  /// speed while the arithmetic ran. GQA-8 decode (8 KV heads, head_dim 128) from DRAM,
+  /// Zen 4, both builds in one process taking turns, medians of 11-15 rounds: 16384 keys
+  /// 0.84-0.90x time on 1 thread, 0.85x on 2; 4096 keys 0.95x / 0.91x; head_dim 64 and 256
+  /// (the same 8 KiB ahead) 0.99-1.00x. Fixed 16 keys at head_dim 64 was 1.18x; 8 keys 1.00x
+  /// and 32 keys 0.98x at 128. Fewer rows lost: 3 rows 1.09x, 2 rows 1.15-1.19x, 1 row (MHA)
+  /// 1.15x; so did V rows requested 16-64 keys ahead in P.V (1.00-1.07x on 1 thread).
+  static constexpr bool dims_own_ahead(int rows) { return many_registers && rows == 4; }
+  static constexpr int dims_own_ahead_bytes = 8192;
   /// Query vectors per row the Q.K-by-dims kernel holds in registers for a whole pass over
   /// the keys (0 when head_dim is only known at run time), leaving registers for the two
   /// accumulator chains per row, the K vector and spares. Each query vector held is one
@@ -398,7 +409,9 @@ struct PrefetchRows {
 /// count alone).
 /// `ahead`: rows to request while the pass walks its keys (one key's rows per key);
 /// `pages`: requests ahead of the K rows themselves; `own_rows`: the K rows themselves,
-/// when read from memory (requested dims_pair_ahead keys ahead by the two-key loop).
+/// when read from memory, including rows past the pass's keys up to the segment's end
+/// (requested dims_pair_ahead keys ahead by the two-key loop, and dims_own_ahead_bytes
+/// ahead by the one-key loop where Tiling::dims_own_ahead says so).
 template <class Isa, int Rows, int Held, class DimPadded>
 KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, const float* k, std::ptrdiff_t k_stride,
                                  int keys, int row_stride, float* logits, PrefetchRows ahead, PageAhead pages,
@@ -457,8 +470,10 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
       }
     }
   }
+  const int own_ahead = std::max(1, Tiling<Isa>::dims_own_ahead_bytes / int(dim_vecs * width * sizeof(float)));
   for (; j < keys; ++j) {
     ahead.key(j);
+    if constexpr (Tiling<Isa>::dims_own_ahead(Rows)) own_rows.key(j + own_ahead);
     const float* key = k + j * k_stride;
     pages.row(key);
     // Two accumulator chains per row (even and odd vectors of head_dim), so a key's dot
@@ -995,11 +1010,13 @@ class FusedTask {
       // Few-row passes that request nothing ahead request a line a few pages ahead instead
       // (see PageAhead).
       const PageAhead pages = by_dims && k_rows != k_stage && !request_ahead ? stored_pages : PageAhead{};
-      // The block's own K rows, for the few-row passes that request them ahead themselves
-      // (Tiling::dims_key_pairs); none when they were staged into scratch.
+      // The block's own K rows and those after it to the segment's end, for the few-row
+      // passes that request them ahead themselves (Tiling::dims_key_pairs and
+      // dims_own_ahead); none when they were staged into scratch.
+      const int own_keys = int(std::min<std::ptrdiff_t>(stored.first_position + stored.count - block, std::numeric_limits<int>::max()));
       const PrefetchRows own_k_rows =
           k_rows != k_stage ? PrefetchRows{reinterpret_cast<const char*>(k_rows), row_stride * std::ptrdiff_t(sizeof(float)),
-                                           keys, (dim_padded_ * int(sizeof(float)) + 63) / 64}
+                                           own_keys, (dim_padded_ * int(sizeof(float)) + 63) / 64}
                             : PrefetchRows{};
 
       // Logits of the block.
