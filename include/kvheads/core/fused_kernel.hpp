@@ -257,7 +257,7 @@ struct Tiling {
   /// Groups of 4 (GQA-8) gained nothing from pairs in cache, so they keep one key at a time.
   static constexpr bool dims_key_pairs(int rows) { return dims_one_chain(rows) && 2 * rows <= width; }
   static constexpr int dims_pair_ahead = 16;
-  /// Tasks of exactly 4 rows with 32 registers (GQA groups of 4, the one-key loop) also
+  /// Tasks of exactly 4 rows on AVX-512 (GQA groups of 4, the one-key loop) also
   /// request their own K rows ahead, dims_own_ahead_bytes of rows (16 keys at head_dim
   /// 128): on their own the hardware prefetchers ran the stream well below a plain sum's
   /// speed while the arithmetic ran. GQA-8 decode (8 KV heads, head_dim 128) from DRAM,
@@ -266,7 +266,9 @@ struct Tiling {
   /// (the same 8 KiB ahead) 0.99-1.00x. Fixed 16 keys at head_dim 64 was 1.18x; 8 keys 1.00x
   /// and 32 keys 0.98x at 128. Fewer rows lost: 3 rows 1.09x, 2 rows 1.15-1.19x, 1 row (MHA)
   /// 1.15x; so did V rows requested 16-64 keys ahead in P.V (1.00-1.07x on 1 thread).
-  static constexpr bool dims_own_ahead(int rows) { return many_registers && rows == 4; }
+  /// Only 16-float vectors (AVX-512), where it was measured: NEON (32 registers of 4
+  /// floats) is unmeasured and keeps the hardware prefetchers alone.
+  static constexpr bool dims_own_ahead(int rows) { return many_registers && width >= 16 && rows == 4; }
   static constexpr int dims_own_ahead_bytes = 8192;
   /// Query vectors per row the Q.K-by-dims kernel holds in registers for a whole pass over
   /// the keys (0 when head_dim is only known at run time), leaving registers for the two
