@@ -116,7 +116,9 @@ TEST_CASE("reduced-precision caches hold fewer bytes", "[cache][storage]") {
 
 TEST_CASE("a sliding-window ring equals a full cache with the same window over a long decode", "[cache][ring]") {
   const int window = 37;
-  for (const HeadLayout& layout : {HeadLayout{4, 4, 16}, HeadLayout{8, 2, 9}, HeadLayout{8, 1, 64}})
+  // {8, 2, 64}: groups of 4 read their rows in place and request them ahead to the end of
+  // each of the ring's two segments (Tiling::dims_own_ahead).
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 16}, HeadLayout{8, 2, 9}, HeadLayout{8, 2, 64}, HeadLayout{8, 1, 64}})
     for (AttentionOptions options : option_sets()) {
       options.window = window;  // the full cache needs it; the ring implies it
       std::vector<float> sinks(std::size_t(layout.q_heads), 0.5f);
