@@ -168,6 +168,55 @@ TEST_CASE("logits of magnitude 1e4 to 1e37 neither overflow nor lose the referen
   });
 }
 
+// At |logit| ~ 1e8 an fp32 log-sum-exp has an ulp of 8, so max + log(count of tied top
+// keys) rounds to max: key splits (threads, plain-memory key chunks) merged through it
+// weighed every split alike, and a sink as large as the logits weighed like the whole row.
+// Top keys spread unevenly over the context catch that; the expected output is the mean of
+// their values (every other key is 2^24 below), over one more "key" of value 0 with a sink.
+TEST_CASE("top keys tied at logits of 1e8 weigh equally wherever the key splits fall, with and without a sink",
+          "[edge][threads]") {
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (const HeadLayout& layout : {HeadLayout{4, 2, 1}, HeadLayout{8, 1, 3}, HeadLayout{2, 2, 17}, HeadLayout{8, 2, 64}})
+      for (const auto& lengths : {std::pair{1, 3000}, std::pair{2, 1025}, std::pair{17, 1000}}) {
+        const int q_len = lengths.first, kv_len = lengths.second;
+        Problem p(layout, q_len, kv_len, 21);
+        std::fill(p.q.begin(), p.q.end(), 1.f);
+        // Key j: every element 2 * 2^24 (top: 3 * 2^24), so logits are head_dim * 2^25 or
+        // head_dim * 3 * 2^24: exact in fp32, and 2^24 * head_dim apart.
+        std::vector<int> top = {0, 5, 6};
+        for (int j = kv_len / 2; j < kv_len / 2 + 9; ++j) top.push_back(j);
+        top.push_back(kv_len - 1);
+        for (int j = 0; j < kv_len; ++j) {
+          const bool is_top = std::find(top.begin(), top.end(), j) != top.end();
+          for (int x = 0; x < layout.kv_width(); ++x) p.k[std::size_t(j) * layout.kv_width() + x] = is_top ? 0x3p24f : 0x2p24f;
+        }
+        const float top_logit = float(layout.head_dim) * 0x3p24f;
+        std::vector<float> sinks(std::size_t(layout.q_heads), top_logit);
+        for (bool with_sink : {false, true}) {
+          AttentionOptions options;
+          options.scale = 1.f;
+          options.sinks = with_sink ? sinks.data() : nullptr;
+          check_paths<Isa>(p, options, 1e-5);
+          for (int threads : {1, 2}) {
+            options.threads = threads;
+            const Result r = run_plain<Isa>(p, options);
+            INFO(describe(layout, q_len, kv_len, options) << " isa " << Isa::name << " sink " << with_sink);
+            for (int i = 0; i < q_len; ++i)
+              for (int h = 0; h < layout.q_heads; ++h)
+                for (int d = 0; d < layout.head_dim; ++d) {
+                  double sum = 0;
+                  for (int j : top) sum += at(p.v, layout, layout.kv_heads, j, layout.kv_head_of(h), d);
+                  const double expected = sum / (double(top.size()) + (with_sink ? 1 : 0));
+                  CHECK(r.out[(std::size_t(i) * layout.q_heads + h) * layout.head_dim + d] ==
+                        Approx(expected).margin(1e-5));
+                }
+          }
+        }
+      }
+  });
+}
+
 TEST_CASE("a key far above the others gets probability 1 and the output is its value", "[edge]") {
   for_each_cpu_isa([&](auto isa) {
     using Isa = decltype(isa);

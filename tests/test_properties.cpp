@@ -118,6 +118,25 @@ TEST_CASE("softmax, the online softmax state and the log-sum-exp merge agree", "
   CHECK(only_b == 2.f);
   CHECK(kvheads::detail::merge_partial(a.data(), -INFINITY, b.data(), -INFINITY, merged.data(), 2) == -INFINITY);
   CHECK(merged[0] == 0.f);
+
+  // Merged as (max, sum), parts keep their weights where an fp32 lse cannot: at max 2^27
+  // (ulp 16) log(10) and log(20) both round away, so their lse would merge 1:1, not 1:2.
+  using kvheads::detail::SoftmaxMass;
+  const SoftmaxMass mass = kvheads::detail::merge_partial(a.data(), SoftmaxMass{0x1p27f, 10.f}, b.data(),
+                                                          SoftmaxMass{0x1p27f, 20.f}, merged.data(), 2);
+  CHECK(merged[0] == Approx((1.0 * 1 + 2.0 * 3) / 3));
+  CHECK(merged[1] == Approx((1.0 * 2 + 2.0 * -4) / 3));
+  CHECK(mass.max == 0x1p27f);
+  CHECK(mass.sum == 30.f);
+  // A part that saw no key takes no part in the max, whatever its max holds.
+  const SoftmaxMass one_side = kvheads::detail::merge_partial(a.data(), SoftmaxMass{1e30f, 0.f}, b.data(),
+                                                              SoftmaxMass{3.f, 2.f}, merged.data(), 2);
+  CHECK(merged[0] == 3.f);
+  CHECK(one_side.max == 3.f);
+  CHECK(one_side.sum == 2.f);
+  CHECK(one_side.log_sum_exp() == Approx(3.0 + std::log(2.0)));
+  CHECK(SoftmaxMass{}.log_sum_exp() == -INFINITY);
+  CHECK(std::isnan(SoftmaxMass{1.f, NAN}.log_sum_exp()));
 }
 
 TEST_CASE("ALiBi slopes follow the paper for any number of heads", "[properties][alibi]") {

@@ -275,6 +275,9 @@ void attend(const std::vector<AttendItem<T>>& items, const AttentionOptions& opt
 /// (e.g. the two halves of a context, or shards on two machines), exactly:
 /// out = (e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b) per row. out/lse may alias
 /// the a or b arrays. out_*: [q_len][q_heads][head_dim]; lse_*: [q_len][q_heads].
+/// Precision: an fp32 lse carries about 7 digits, so once |lse| nears 1e7 the parts'
+/// relative weights e^(lse_a - lse_b) lose accuracy (at 1e8 the ulp is 8). attend()'s own
+/// key splits do not go through fp32 lse and keep full accuracy there.
 inline void merge(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b, float* out,
                   float* lse, int q_len, HeadLayout layout) {
   layout.validate();

@@ -82,17 +82,18 @@ struct AttendArgs {
 };
 
 /// Adds a sink logit to a normalised row: the sink joins the softmax denominator
-/// without a value, i.e. it is a partial result with log-sum-exp `sink` and output 0.
-inline void add_sink(float* row, float& lse, float sink, int head_dim) {
-  const float max = std::fmax(lse, sink);
-  const float row_weight = std::exp(lse - max);  // 0 when the row saw no key
+/// without a value, i.e. it is a partial result with max `sink`, sum 1 and output 0.
+/// Returns the row's mass with the sink in.
+inline SoftmaxMass add_sink(float* row, SoftmaxMass mass, float sink, int head_dim) {
+  const bool saw_keys = mass.sum != 0.f;
+  const float max = saw_keys ? std::fmax(mass.max, sink) : sink;
+  const float row_weight = saw_keys ? mass.sum * std::exp(mass.max - max) : 0.f;
   const float sink_weight = std::exp(sink - max);
   const float keep = row_weight / (row_weight + sink_weight);
   // A row that saw no key stays zeros; one whose weight underflowed next to the sink
   // still multiplies, so a NaN in it stays (as in the reference).
-  const bool saw_keys = lse != -std::numeric_limits<float>::infinity();
   for (int d = 0; d < head_dim; ++d) row[d] = saw_keys ? row[d] * keep : 0.f;
-  lse = max + std::log(row_weight + sink_weight);
+  return {max, row_weight + sink_weight};
 }
 
 /// One request per 4 KiB page for a pass that reads rows in order from memory: the first
@@ -814,24 +815,24 @@ class FusedTask {
   }
 
   /// Attends queries [first_query, first_query + queries) of kv_head to keys
-  /// [key_begin, key_end). Writes normalised rows and their log-sum-exp to out_rows/lse_rows
-  /// ([rows][head_dim] and [rows], row = query * group + g) when given, else straight
-  /// into args.out / args.lse.
+  /// [key_begin, key_end). Writes normalised rows and their softmax masses to
+  /// out_rows/mass_rows ([rows][head_dim] and [rows][2], row = query * group + g) when given,
+  /// else straight into args.out / args.lse.
   void run(int kv_head, std::ptrdiff_t first_query, int queries, std::ptrdiff_t key_begin, std::ptrdiff_t key_end,
-           float* scratch, float* out_rows, float* lse_rows) const {
+           float* scratch, float* out_rows, float* mass_rows) const {
     // The two layouts compile as separate functions: as one, g++ gave up inlining into
     // the few-row loops once the many-row path grew (GQA-8 decode of 16384 keys, 1
     // thread: 6.9 against 7.6 ms, medians of 9 alternating runs; equal in cache).
     if (2 * group_.get() * queries <= width)  // too few rows to fill a vector
-      run_layout<true>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, lse_rows);
+      run_layout<true>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, mass_rows);
     else
-      run_layout<false>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, lse_rows);
+      run_layout<false>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, mass_rows);
   }
 
  private:
   template <bool ByDims>
   void run_layout(int kv_head, std::ptrdiff_t first_query, int queries, std::ptrdiff_t key_begin,
-                  std::ptrdiff_t key_end, float* scratch, float* out_rows, float* lse_rows) const {
+                  std::ptrdiff_t key_end, float* scratch, float* out_rows, float* mass_rows) const {
     const int group = group_.get();
     const int head_dim = head_dim_.get();
     const int rows = group * queries;
@@ -1200,12 +1201,13 @@ class FusedTask {
       const float* row = by_dims ? acc + std::ptrdiff_t(r) * dim_padded_ : acc + r;
       const std::ptrdiff_t step = by_dims ? 1 : rows_padded;
       for (int d = 0; d < head_dim; ++d) dst[d] = sum == 0.f ? 0.f : row[d * step] * inverse;
-      float lse = sum > 0.f ? row_max[r] + std::log(sum) : (sum == 0.f ? neg_inf : sum);
-      if (!lse_rows && args_.sinks) add_sink(dst, lse, args_.sinks[q_head], head_dim);  // split rows get it after the merge
-      if (lse_rows)
-        lse_rows[r] = lse;
-      else if (args_.lse)
-        args_.lse[(first_query + query) * args_.layout.q_heads + q_head] = lse;
+      SoftmaxMass mass{row_max[r], sum};
+      if (mass_rows) {  // a key split: the sink joins after the merge
+        mass.store(mass_rows + 2 * r);
+        continue;
+      }
+      if (args_.sinks) mass = add_sink(dst, mass, args_.sinks[q_head], head_dim);
+      if (args_.lse) args_.lse[(first_query + query) * args_.layout.q_heads + q_head] = mass.log_sum_exp();
     }
   }
 
@@ -1630,8 +1632,10 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
   const FusedTask<Isa, HeadDimStatic, GroupStatic, KvT> sizing(items[0], query_tile);
   const std::size_t scratch_floats = sizing.scratch_floats();
   // Split results: per split task [rows][head_dim] and [rows].
-  float* partial_out = partial_rows > 0 ? thread_scratch(std::size_t(partial_rows) * (std::size_t(head_dim) + 1), 1) : nullptr;
-  float* partial_lse = partial_out ? partial_out + partial_rows * head_dim : nullptr;
+  // Each split row: head_dim floats of output, and (after all the outputs) its SoftmaxMass.
+  float* partial_out =
+      partial_rows > 0 ? thread_scratch(std::size_t(partial_rows) * (std::size_t(head_dim) + 2), 1) : nullptr;
+  float* partial_mass = partial_out ? partial_out + partial_rows * head_dim : nullptr;
 
   auto item_of = [&](std::ptrdiff_t task) {  // plans are in task order
     std::ptrdiff_t lo = 0, hi = item_count - 1;
@@ -1670,7 +1674,7 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
     } else {
       const std::ptrdiff_t slot = plan.first_partial + (base_task * plan.splits + split) * rows_per_tile;
       task.run(tile.kv_head, tile.first_query, tile.queries, key_begin, key_end, scratch,
-               partial_out + slot * head_dim, partial_lse + slot);
+               partial_out + slot * head_dim, partial_mass + 2 * slot);
     }
   });
   // Log-sum-exp merge of the key splits, row by row, into the output (staged or not).
@@ -1686,14 +1690,15 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
           const int q_head = tile.kv_head * group + r % group;
           float* dst = item.out + query * item.out_token_stride + q_head * item.out_head_stride;
           const std::ptrdiff_t first_slot = plan.first_partial + base_task * plan.splits * rows_per_tile + r;
-          float lse = partial_lse[first_slot];
+          SoftmaxMass mass = SoftmaxMass::load(partial_mass + 2 * first_slot);
           std::copy_n(partial_out + first_slot * head_dim, head_dim, dst);
           for (int split = 1; split < plan.splits; ++split) {
             const std::ptrdiff_t slot = first_slot + std::ptrdiff_t(split) * rows_per_tile;
-            lse = merge_partial(dst, lse, partial_out + slot * head_dim, partial_lse[slot], dst, head_dim);
+            mass = merge_partial(dst, mass, partial_out + slot * head_dim, SoftmaxMass::load(partial_mass + 2 * slot), dst,
+                                 head_dim);
           }
-          if (item.sinks) add_sink(dst, lse, item.sinks[q_head], head_dim);
-          if (item.lse) item.lse[query * layout.q_heads + q_head] = lse;
+          if (item.sinks) mass = add_sink(dst, mass, item.sinks[q_head], head_dim);
+          if (item.lse) item.lse[query * layout.q_heads + q_head] = mass.log_sum_exp();
         }
       });
     }

@@ -49,20 +49,46 @@ struct OnlineSoftmax {
   }
 };
 
-/// Combines two normalised partial attentions over disjoint key sets:
-/// out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}), exactly, without
-/// overflow. A part with lse = -inf (no visible key) contributes nothing. Returns the merged lse.
-/// out may alias out_a or out_b.
-inline float merge_partial(const float* out_a, float lse_a, const float* out_b, float lse_b, float* out,
-                           std::ptrdiff_t head_dim) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  if (lse_a == neg_inf && lse_b == neg_inf) {
-    for (std::ptrdiff_t i = 0; i < head_dim; ++i) out[i] = 0.f;
-    return neg_inf;
+/// A partial softmax's normaliser: its max logit and the sum of exp(logit - max) over
+/// its keys (sum 0: it saw no key; NaN stays NaN). Key splits are merged through this
+/// pair, not through one fp32 log-sum-exp: at |max| ~ 1e8 an fp32 lse has an ulp of 8 and
+/// loses log(sum) entirely, so two halves holding 10 and 20 tied top keys would merge 1:1
+/// instead of 1:2 (found by fuzz_attend with exact logits of ~1e8).
+struct SoftmaxMass {
+  float max = -std::numeric_limits<float>::infinity();
+  float sum = 0.f;
+
+  /// A partial result known only by its log-sum-exp (the public merge()).
+  static SoftmaxMass from_lse(float lse) {
+    return lse == -std::numeric_limits<float>::infinity() ? SoftmaxMass{} : SoftmaxMass{lse, 1.f};
   }
-  const float max = std::fmax(lse_a, lse_b);
-  const float weight_a = std::exp(lse_a - max);
-  const float weight_b = std::exp(lse_b - max);
+  /// As two floats (max, sum), in scratch that holds floats.
+  static SoftmaxMass load(const float* from) { return {from[0], from[1]}; }
+  void store(float* to) const {
+    to[0] = max;
+    to[1] = sum;
+  }
+  /// log(sum of exp(logits)): -inf when no key was seen, NaN when the sum is.
+  float log_sum_exp() const {
+    return sum > 0.f ? max + std::log(sum) : (sum == 0.f ? -std::numeric_limits<float>::infinity() : sum);
+  }
+};
+
+/// Combines two normalised partial attentions over disjoint key sets:
+/// out = (w_a out_a + w_b out_b) / (w_a + w_b) with w = sum * e^(max - common max),
+/// without overflow. A part with sum 0 (no visible key) contributes nothing. Returns the
+/// merged mass. out may alias out_a or out_b.
+inline SoftmaxMass merge_partial(const float* out_a, SoftmaxMass a, const float* out_b, SoftmaxMass b, float* out,
+                                 std::ptrdiff_t head_dim) {
+  const bool saw_a = a.sum != 0.f, saw_b = b.sum != 0.f;
+  if (!saw_a && !saw_b) {
+    for (std::ptrdiff_t i = 0; i < head_dim; ++i) out[i] = 0.f;
+    return {};
+  }
+  // A side that saw no key takes no part in the max (its max may be -inf or stale).
+  const float max = !saw_a ? b.max : !saw_b ? a.max : std::fmax(a.max, b.max);
+  const float weight_a = saw_a ? a.sum * std::exp(a.max - max) : 0.f;
+  const float weight_b = saw_b ? b.sum * std::exp(b.max - max) : 0.f;
   const float total = weight_a + weight_b;
   const float scale_a = weight_a / total;
   const float scale_b = weight_b / total;
@@ -70,11 +96,20 @@ inline float merge_partial(const float* out_a, float lse_a, const float* out_b, 
     // Skip only a side that saw no key (its output is not a result). A side whose weight
     // merely underflowed to 0 still adds: a NaN in it makes the row NaN, as in the
     // reference, where that weight is tiny but not 0.
-    const float a = lse_a != neg_inf ? scale_a * out_a[i] : 0.f;
-    const float b = lse_b != neg_inf ? scale_b * out_b[i] : 0.f;
-    out[i] = a + b;
+    const float from_a = saw_a ? scale_a * out_a[i] : 0.f;
+    const float from_b = saw_b ? scale_b * out_b[i] : 0.f;
+    out[i] = from_a + from_b;
   }
-  return max + std::log(total);
+  return {max, total};
+}
+
+/// The same merge for parts known only by their log-sum-exp (fp32: exact while |lse|
+/// stays well below 1 / fp32 epsilon, about 1e7; the kernel's own key splits keep the
+/// SoftmaxMass instead). Returns the merged log-sum-exp.
+inline float merge_partial(const float* out_a, float lse_a, const float* out_b, float lse_b, float* out,
+                           std::ptrdiff_t head_dim) {
+  return merge_partial(out_a, SoftmaxMass::from_lse(lse_a), out_b, SoftmaxMass::from_lse(lse_b), out, head_dim)
+      .log_sum_exp();
 }
 
 }  // namespace kvheads::detail
