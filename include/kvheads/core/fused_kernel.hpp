@@ -1631,8 +1631,8 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
 
   const FusedTask<Isa, HeadDimStatic, GroupStatic, KvT> sizing(items[0], query_tile);
   const std::size_t scratch_floats = sizing.scratch_floats();
-  // Split results: per split task [rows][head_dim] and [rows].
-  // Each split row: head_dim floats of output, and (after all the outputs) its SoftmaxMass.
+  // Split results: every split row's head_dim outputs, then every split row's SoftmaxMass
+  // as two floats.
   float* partial_out =
       partial_rows > 0 ? thread_scratch(std::size_t(partial_rows) * (std::size_t(head_dim) + 2), 1) : nullptr;
   float* partial_mass = partial_out ? partial_out + partial_rows * head_dim : nullptr;
