@@ -99,6 +99,11 @@ std::vector<std::pair<HeadLayout, std::string>> bad_layouts() {
       {{4, 4, INT_MAX}, "head_dim (2147483647) must be at most 512"},
       {{12, 5, 8}, "q_heads (12) must be a multiple of kv_heads (5)"},
       {{2, 4, 8}, "q_heads (2) must be a multiple of kv_heads (4)"},
+      // Past kMaxHeads: sizes derived from the layout (a group's rows x head_dim, the ALiBi
+      // slopes, a cache's rows) would no longer fit an int.
+      {{kvheads::kMaxHeads + 1, 1, 8}, "q_heads (65537) must be at most 65536"},
+      {{1 << 22, 1, 512}, "q_heads (4194304) must be at most 65536"},
+      {{1 << 27, 1 << 27, 512}, "q_heads (134217728) must be at most 65536"},
   };
 }
 
@@ -165,6 +170,15 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     });
   }
 
+  add("HeadLayout::kv_head_of", "q_head 4 of 4", "q_head (4) must be in [0, 4)", [&] { (void)layout.kv_head_of(4); });
+  add("HeadLayout::kv_head_of", "q_head -1", "q_head (-1) must be in [0, 4)", [&] { (void)layout.kv_head_of(-1); });
+  // ALiBi's slopes are computed per q_heads before any query is looked at.
+  add("attend (plain, ALiBi)", "layout {2^30, 1, 1}", "q_heads (1073741824) must be at most 65536", [] {
+    AttentionOptions o;
+    o.alibi = true;
+    kvheads::attend(nullptr, nullptr, nullptr, nullptr, 0, 0, HeadLayout{1 << 30, 1, 1}, o);
+  });
+
   // --- attend on plain memory ------------------------------------------------------------
   const std::vector<std::string> plain_entries = {"attend (plain)", "attend<default_isa> (plain, lse)"};
   auto plain = [&](int which, const float* q_ptr, const float* k_ptr, const float* v_ptr, float* out_ptr, int q_len,
@@ -198,6 +212,13 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   KvCache<float> cache(layout, 4);
   cache.append(k.data(), v.data(), 3);
   const CacheState cache_before(cache);
+  KvCache<float> growable(layout, 4, CacheOptions{0, true});
+  growable.append(k.data(), v.data(), 3);
+  const CacheState growable_before(growable);
+  const std::vector<float> big_kv(65536, 0.5f);
+  KvCache<float> big_heads(HeadLayout{65536, 65536, 1}, 2, CacheOptions{0, true});  // 2^49 bytes at INT_MAX
+  big_heads.append(big_kv.data(), big_kv.data(), 1);
+  const CacheState big_heads_before(big_heads);
   const std::vector<std::string> cache_entries = {"attend (cache)", "attend<default_isa> (cache, lse)"};
   auto cached = [&](int which, const float* q_ptr, int q_len, float* out_ptr, AttentionOptions options = {}) {
     return [=, &cache, &lse] {
@@ -223,6 +244,15 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   add("attend (ring cache)", "more queries than the ring keeps keys for",
       "q_len (2) is too many queries for a ring cache of capacity 4 and window 4",
       [&] { kvheads::attend(q.data(), 2, ring, out.data()); });
+  // A full ring that drops its newest token no longer holds the oldest key of its window
+  // (overwritten by that token): the error says so rather than blaming the query count.
+  auto dropped_ring = KvCache<float>::ring(layout, 4, 1);
+  for (int t = 0; t < 10; ++t) dropped_ring.append(k.data(), v.data(), 1);
+  dropped_ring.drop_last(1);
+  add("attend (ring cache)", "a window with a key lost to drop_last",
+      "the ring cache no longer holds key position 5 that q_len (1) queries need through window 4: its oldest key "
+      "is position 6",
+      [&] { kvheads::attend(q.data(), 1, dropped_ring, out.data()); });
 
   // --- batched attend -----------------------------------------------------------------------
   KvCache<float> other_layout(HeadLayout{4, 1, 8}, 4);
@@ -260,6 +290,13 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   add("KvCache::ring", "window 0", "ring window (0) must be positive", [&] { KvCache<float>::ring(layout, 0, 1); });
   add("KvCache::ring", "window -3", "ring window (-3) must be positive", [&] { KvCache<float>::ring(layout, -3, 1); });
   add("KvCache::ring", "max_queries 0", "max_queries (0) must be positive", [&] { KvCache<float>::ring(layout, 4, 0); });
+  // 2^16 x 2^31 x 2^9 floats per plane: 2^58 bytes, past the 2^48 a plane may hold.
+  add("KvCache(layout, capacity)", "planes past 256 TiB", "cache capacity (2147483647) is too large",
+      [] { KvCache<float>(HeadLayout{65536, 65536, 512}, INT_MAX); });
+  add("KvCache<int8_t>(layout, capacity)", "planes past 256 TiB", "cache capacity (2147483647) is too large",
+      [] { KvCache<std::int8_t>(HeadLayout{65536, 65536, 512}, INT_MAX); });
+  add("KvCache::ring", "planes past 256 TiB", "cache capacity (1073741824) is too large",
+      [] { KvCache<kvheads::bf16>::ring(HeadLayout{65536, 65536, 512}, 1 << 30, 1); });
   add("KvCache::ring", "window + max_queries - 1 above INT_MAX",
       "ring window (2147483647) + max_queries (2) - 1 must be at most 2147483647",
       [&] { KvCache<float>::ring(layout, INT_MAX, 2); });
@@ -300,6 +337,20 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   });
   add("KvCache::reserve", "a ring", "a ring cache (window 4) cannot be resized", [&] { ring.reserve(100); });
   add("KvCache::reserve", "capacity -5", "cache capacity (-5) must be >= 0", [&] { cache.reserve(-5); });
+  add("KvCache::read_token", "k null", "k is null but its length is 1", [&] {
+    float vv[8];
+    cache.read_token(0, 0, nullptr, vv);
+  });
+  add("KvCache::read_token", "v null", "v is null but its length is 1", [&] {
+    float kk[8];
+    cache.read_token(0, 0, kk, nullptr);
+  });
+  // The growable cache below (capacity 4, 3 tokens) shares the table's after-check.
+  add("KvCache::append (growable)", "past INT_MAX tokens",
+      "cannot append 2147483647 tokens to a cache holding 3 of 2147483647 (a cache holds at most INT_MAX tokens)",
+      [&] { growable.append(k.data(), v.data(), INT_MAX); }, Throws::length_error);
+  add("KvCache::reserve (growable)", "planes past 256 TiB", "cache capacity (2147483647) is too large",
+      [&] { big_heads.reserve(INT_MAX); });
 
   // --- Attention ------------------------------------------------------------------------------
   kvheads::Attention<float> layer(16, layout);
@@ -441,6 +492,11 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
       [&] { kvheads::pool_kv_columns(w.data(), 16, 8, 2, -4, pooled.data()); });
   add("pool_kv_columns (pointer)", "rows 0", "weight has 0 rows",
       [&] { kvheads::pool_kv_columns(w.data(), 0, 8, 2, 4, pooled.data()); });
+  // Sizes whose element count overflows: refused before any index is formed.
+  add("pool_kv_columns (pointer)", "2^60 columns x INT_MAX rows", "has more elements than memory can address",
+      [&] { kvheads::pool_kv_columns(w.data(), INT_MAX, 1 << 30, 1, 1 << 30, pooled.data()); });
+  add("pool_kv_rows (pointer)", "2^52 rows x INT_MAX columns", "has more elements than memory can address",
+      [&] { kvheads::pool_kv_rows(w.data(), INT_MAX, 1 << 22, 2, 1 << 30, pooled.data()); });
   add("pool_kv_columns (pointer)", "w null", "w is null but its length is 512",
       [&] { kvheads::pool_kv_columns(nullptr, 16, 8, 2, 4, pooled.data()); });
   add("pool_kv_columns (pointer)", "out null", "out is null but its length is 128",
@@ -503,6 +559,8 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     check_row(rows[i]);
     INFO("after entry point: " << rows[i].entry << " / " << rows[i].argument);
     CHECK(CacheState(cache) == cache_before);  // every row, not only the cache rows
+    CHECK(CacheState(growable) == growable_before);
+    CHECK(CacheState(big_heads) == big_heads_before);
     CHECK(CacheState(layer_cache) == layer_cache_before);
     CHECK(CacheState(layer_ring) == layer_ring_before);
     CHECK((layer.wq() == wq && layer.wk() == wk && layer.wv() == wv && layer.wo() == wo));

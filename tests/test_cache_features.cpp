@@ -3,7 +3,9 @@
 // and log-sum-exp outputs with an exact merge. All checked against the reference.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "test_support.hpp"
 
@@ -77,6 +79,84 @@ TEMPLATE_LIST_TEST_CASE("bf16, fp16 and int8 caches match the reference on every
   check_storage<kvheads::bf16, Isa>();
   check_storage<kvheads::fp16, Isa>();
   check_storage<std::int8_t, Isa>();
+}
+
+TEST_CASE("a moved-from cache is empty and usable again; a growable cache may re-append its own tokens",
+          "[cache][ops]") {
+  const HeadLayout layout{4, 1, 16};  // one KV head: a plane's rows are [tokens][kv_heads][head_dim]
+  const Problem p(layout, 1, 40, 3);
+  for (bool ring : {false, true}) {
+    INFO((ring ? "ring" : "linear") << " source");
+    KvCache<float> source = ring ? KvCache<float>::ring(layout, 8) : KvCache<float>(layout, 8);
+    source.append(p.k.data(), p.v.data(), 5);
+    KvCache<float> moved = std::move(source);
+    CHECK(moved.size() == 5);
+    // Moved from: empty, linear, capacity 0, no storage; every call is an error, not a crash.
+    CHECK(source.size() == 0);       // NOLINT(bugprone-use-after-move): the state after a move is the point
+    CHECK(source.capacity() == 0);   // NOLINT(bugprone-use-after-move)
+    CHECK(source.position() == 0);   // NOLINT(bugprone-use-after-move)
+    CHECK(!source.is_ring());        // NOLINT(bugprone-use-after-move)
+    CHECK(source.bytes() == 0);      // NOLINT(bugprone-use-after-move)
+    CHECK_THROWS_AS(source.append(p.k.data(), p.v.data(), 1), std::length_error);
+    std::vector<float> out(std::size_t(layout.q_width()));
+    CHECK_THROWS_WITH(kvheads::attend(p.q.data(), 1, source, out.data()),
+                      Catch::Contains("q_len (1) must not exceed the cache's size (0)"));
+    float k_row[16], v_row[16];
+    CHECK_THROWS_AS(source.read_token(0, 0, k_row, v_row), std::invalid_argument);
+    // reserve() makes it a usable linear cache again.
+    source.reserve(6);
+    source.append(p.k.data(), p.v.data(), 6);
+    KvCache<float> fresh(layout, 6);
+    fresh.append(p.k.data(), p.v.data(), 6);
+    std::vector<float> expected(out.size());
+    kvheads::attend(p.q.data(), 1, source, out.data());
+    kvheads::attend(p.q.data(), 1, fresh, expected.data());
+    CHECK(out == expected);
+    // Move assignment leaves the same state.
+    KvCache<float> target(layout, 2);
+    target = std::move(source);
+    CHECK(target.size() == 6);
+    CHECK(source.capacity() == 0);  // NOLINT(bugprone-use-after-move)
+  }
+
+  // Re-appending cached tokens from the cache's own planes when the append grows it: the
+  // source rows must be read before the old planes are freed (ASan builds check that).
+  kvheads::CacheOptions growable;
+  growable.growable = true;
+  KvCache<float> cache(layout, 3, growable);
+  cache.append(p.k.data(), p.v.data(), 3);
+  cache.append(cache.keys(), cache.values(), 3);  // full: grows while reading its own rows
+  CHECK(cache.size() == 6);
+  CHECK(cache.capacity() >= 6);
+  for (int t = 0; t < 6; ++t) {
+    float k_row[16], v_row[16];
+    cache.read_token(t, 0, k_row, v_row);
+    for (int d = 0; d < 16; ++d) {
+      CHECK(k_row[d] == p.k[std::size_t((t % 3) * 16 + d)]);
+      CHECK(v_row[d] == p.v[std::size_t((t % 3) * 16 + d)]);
+    }
+  }
+}
+
+TEST_CASE("an int8 row holding a non-finite value reads back as all NaN", "[cache][storage]") {
+  const HeadLayout layout{2, 1, 4};
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (float bad : {inf, -inf, nan}) {
+    INFO("value " << bad);
+    const float finite[4] = {1.f, -2.f, 3.f, 0.5f};
+    const float row[4] = {1.f, bad, 3.f, 0.5f};
+    KvCache<std::int8_t> cache(layout, 2);
+    cache.append(row, finite, 1);
+    cache.append(finite, finite, 1);
+    float k_read[4], v_read[4];
+    cache.read_token(0, 0, k_read, v_read);
+    for (int d = 0; d < 4; ++d) {
+      CHECK(std::isnan(k_read[d]));
+      CHECK(std::isfinite(v_read[d]));  // the value row beside it is finite and kept
+    }
+    cache.read_token(1, 0, k_read, v_read);  // the next token is unaffected
+    for (int d = 0; d < 4; ++d) CHECK(std::fabs(k_read[d] - finite[d]) <= 3.f / 254 * 1.001f);
+  }
 }
 
 TEST_CASE("int8 rows of any finite magnitude read back within half a step, zeros as zeros", "[cache][storage]") {

@@ -110,10 +110,16 @@ template <class T>
 void require_ring_keeps_window(const KvCache<T>& cache, const char* name, int q_len, std::ptrdiff_t first_query_pos,
                                std::ptrdiff_t first_key_position, int window) {
   const std::ptrdiff_t oldest_needed = std::max<std::ptrdiff_t>(0, first_query_pos - window + 1);
-  if (q_len > 0 && oldest_needed < first_key_position)
+  if (q_len == 0 || oldest_needed >= first_key_position) return;
+  const std::ptrdiff_t max_queries = std::ptrdiff_t(cache.capacity()) - window + 1;
+  if (q_len > max_queries)
     throw_invalid(name, " (", q_len, ") is too many queries for a ring cache of capacity ", cache.capacity(),
-                  " and window ", window, ": at most ", cache.capacity() - window + 1,
-                  " (make the ring with more max_queries)");
+                  " and window ", window, ": at most ", max_queries, " (make the ring with more max_queries)");
+  // Few enough queries, yet the ring lacks keys: drop_last() removed newer tokens after
+  // older ones had been overwritten; appends refill the window.
+  throw_invalid("the ring cache no longer holds key position ", oldest_needed, " that ", name, " (", q_len,
+                ") queries need through window ", window, ": its oldest key is position ", first_key_position,
+                " (tokens dropped with drop_last() leave a gap until appends refill the window)");
 }
 
 /// For calls that append n_tokens to a ring and then attend with them as the queries

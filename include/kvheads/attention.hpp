@@ -23,7 +23,7 @@ namespace kvheads {
 /// same cache; distinct caches may be used from distinct threads.
 template <class T, int QHeads = Dynamic, int KvHeads = Dynamic, int HeadDim = Dynamic>
 class Attention {
-  static_assert(QHeads == Dynamic || QHeads > 0, "QHeads must be positive or Dynamic");
+  static_assert(QHeads == Dynamic || (QHeads > 0 && QHeads <= kMaxHeads), "QHeads out of range");
   static_assert(KvHeads == Dynamic || KvHeads > 0, "KvHeads must be positive or Dynamic");
   static_assert(HeadDim == Dynamic || (HeadDim > 0 && HeadDim <= kMaxHeadDim), "HeadDim out of range");
   static_assert(QHeads == Dynamic || KvHeads == Dynamic || QHeads % KvHeads == 0,

@@ -8,6 +8,7 @@
 //   ours          Wk, Wv: [d_model][kv_heads*head_dim]   -> pool column blocks (pool_kv_columns)
 //   Hugging Face  k_proj.weight: [kv_heads*head_dim][d_model] -> pool row blocks (pool_kv_rows)
 #include <cstddef>
+#include <limits>
 
 #include <Eigen/Core>
 
@@ -37,6 +38,10 @@ inline void check_pooling(long long extent, const char* extent_name, long long o
   if (extent != expected)
     throw_invalid("weight has ", extent, " ", extent_name, " but from_kv_heads (", from_kv_heads, ") * head_dim (",
                   head_dim, ") = ", expected);
+  // Element counts and indices below are ptrdiff_t products: a weight must be addressable.
+  if (extent > std::numeric_limits<std::ptrdiff_t>::max() / other)
+    throw_invalid("weight of ", extent, " ", extent_name, " x ", other, " ", other_name,
+                  " has more elements than memory can address");
 }
 
 // w: [rows][from*head_dim] with row stride w_stride -> out: [rows][to*head_dim] with out_stride.
@@ -53,7 +58,7 @@ inline void pool_columns(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t
     for (int j = 0; j < to_kv_heads; ++j) {
       for (int c = 0; c < head_dim; ++c) {
         double sum = 0.0;
-        for (int g = 0; g < r; ++g) sum += double(src[std::ptrdiff_t(j * r + g) * head_dim + c]);
+        for (int g = 0; g < r; ++g) sum += double(src[(std::ptrdiff_t(j) * r + g) * head_dim + c]);
         dst[std::ptrdiff_t(j) * head_dim + c] = float(sum / r);
       }
     }
@@ -69,10 +74,10 @@ inline void pool_rows(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t co
   const int r = from_kv_heads / to_kv_heads;
   for (int j = 0; j < to_kv_heads; ++j) {
     for (int c = 0; c < head_dim; ++c) {
-      float* dst = out + std::ptrdiff_t(j * head_dim + c) * out_stride;
+      float* dst = out + (std::ptrdiff_t(j) * head_dim + c) * out_stride;
       for (std::ptrdiff_t col = 0; col < cols; ++col) {
         double sum = 0.0;
-        for (int g = 0; g < r; ++g) sum += double(w[std::ptrdiff_t((j * r + g) * head_dim + c) * w_stride + col]);
+        for (int g = 0; g < r; ++g) sum += double(w[((std::ptrdiff_t(j) * r + g) * head_dim + c) * w_stride + col]);
         dst[col] = narrower_result ? float_round_to_odd(sum / r) : float(sum / r);
       }
     }

@@ -12,7 +12,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kvheads/core/aligned_allocator.hpp"
@@ -64,8 +66,10 @@ struct KvStorage<fp16> {
 };
 
 /// Symmetric int8: x ~ q * scale with scale = max|x| / 127 for the row (one token of one
-/// KV head), q = round-to-nearest-even(x / scale) in [-127, 127]. Non-finite rows store
-/// scale NaN so attention over them yields NaN as the float cache would.
+/// KV head), q = round-to-nearest-even(x / scale) in [-127, 127]. int8 cannot hold a
+/// non-finite value: a row holding one (NaN or +-inf) stores scale NaN and reads back as
+/// all NaN, so a query that sees it gets NaN (a float cache keeps +-inf, which can give a
+/// finite or infinite result instead).
 template <>
 struct KvStorage<std::int8_t> {
   static constexpr bool scaled = true;
@@ -115,6 +119,38 @@ class KvCache {
     allocate(capacity);
   }
 
+  KvCache(const KvCache&) = default;
+  KvCache& operator=(const KvCache&) = default;
+  /// A moved-from cache is left empty, linear and of capacity 0 (same layout): append
+  /// throws std::length_error, attend sees no keys, reserve() or assigning makes it usable.
+  KvCache(KvCache&& other) noexcept
+      : layout_(other.layout_),
+        options_(other.options_),
+        capacity_(other.capacity_),
+        size_(other.size_),
+        position_(other.position_),
+        keys_(std::move(other.keys_)),
+        values_(std::move(other.values_)),
+        key_scales_(std::move(other.key_scales_)),
+        value_scales_(std::move(other.value_scales_)) {
+    other.reset_to_empty();
+  }
+  KvCache& operator=(KvCache&& other) noexcept {
+    if (this != &other) {
+      layout_ = other.layout_;
+      options_ = other.options_;
+      capacity_ = other.capacity_;
+      size_ = other.size_;
+      position_ = other.position_;
+      keys_ = std::move(other.keys_);
+      values_ = std::move(other.values_);
+      key_scales_ = std::move(other.key_scales_);
+      value_scales_ = std::move(other.value_scales_);
+      other.reset_to_empty();
+    }
+    return *this;
+  }
+
   /// A ring for sliding-window attention over `window` tokens that can serve up to
   /// `max_queries` queries per call (capacity = window + max_queries - 1). attend() on it
   /// uses that window when options.window is 0, a narrower options.window as given, and
@@ -137,11 +173,18 @@ class KvCache {
     if (n_tokens < 0) detail::throw_invalid("n_tokens (", n_tokens, ") must be >= 0");
     detail::require_pointer(k, n_tokens, "k");
     detail::require_pointer(v, n_tokens, "v");
+    // k and v may point into this cache's own planes (re-appending cached tokens): when
+    // the cache grows, the old planes stay alive here until the new tokens are stored.
+    std::optional<KvCache> old_planes;
     if (!is_ring() && n_tokens > capacity_ - size_) {
-      if (!options_.growable)
-        detail::throw_length("cannot append ", n_tokens, " tokens to a cache holding ", size_, " of ", capacity_,
-                             " (capacity exceeded)");
-      reserve(std::max(std::int64_t(size_) + n_tokens, 2 * std::int64_t(capacity_)));
+      constexpr std::int64_t max_tokens = std::numeric_limits<int>::max();
+      const std::int64_t needed = std::int64_t(size_) + n_tokens;
+      if (!options_.growable || needed > max_tokens)
+        detail::throw_length("cannot append ", n_tokens, " tokens to a cache holding ", size_, " of ",
+                             options_.growable ? max_tokens : std::int64_t(capacity_),
+                             options_.growable ? " (a cache holds at most INT_MAX tokens)" : " (capacity exceeded)");
+      old_planes.emplace(grown_copy(std::min(max_tokens, std::max(needed, 2 * std::int64_t(capacity_)))));
+      std::swap(*this, *old_planes);
     }
     // A ring only needs the newest `capacity` of the appended tokens.
     const int skip = is_ring() ? std::max(0, n_tokens - capacity_) : 0;
@@ -187,21 +230,7 @@ class KvCache {
     if (capacity > std::int64_t(std::numeric_limits<int>::max()))
       detail::throw_invalid("cache capacity (", capacity, ") must be at most ", std::numeric_limits<int>::max());
     if (capacity <= capacity_) return;
-    KvCache grown(layout_, int(capacity), options_);
-    for (int h = 0; h < layout_.kv_heads; ++h) {
-      const std::ptrdiff_t from = std::ptrdiff_t(h) * capacity_, to = std::ptrdiff_t(h) * grown.capacity_;
-      std::copy_n(keys_.data() + from * layout_.head_dim, std::ptrdiff_t(size_) * layout_.head_dim,
-                  grown.keys_.data() + to * layout_.head_dim);
-      std::copy_n(values_.data() + from * layout_.head_dim, std::ptrdiff_t(size_) * layout_.head_dim,
-                  grown.values_.data() + to * layout_.head_dim);
-      if (detail::KvStorage<T>::scaled) {
-        std::copy_n(key_scales_.data() + from, size_, grown.key_scales_.data() + to);
-        std::copy_n(value_scales_.data() + from, size_, grown.value_scales_.data() + to);
-      }
-    }
-    grown.size_ = size_;
-    grown.position_ = position_;
-    *this = std::move(grown);
+    *this = grown_copy(capacity);
   }
 
   /// Tokens currently cached.
@@ -248,6 +277,8 @@ class KvCache {
 
   /// The cached token at `position` of `kv_head`, read back as floats (dequantised).
   void read_token(std::int64_t position, int kv_head, float* k, float* v) const {
+    detail::require_pointer(k, 1, "k");
+    detail::require_pointer(v, 1, "v");
     if (position < first_position() || position >= position_)
       detail::throw_invalid("position (", position, ") is not cached (cached: ", first_position(), " to ",
                             position_ - 1, ")");
@@ -271,6 +302,16 @@ class KvCache {
       detail::throw_invalid("cache window (", options.window, ") must not exceed its capacity (", capacity, ")");
     if (options.window > 0 && options.growable)
       detail::throw_invalid("a ring cache (window ", options.window, ") cannot be growable");
+    // kv_heads * capacity * head_dim elements of T per plane: refused past 256 TiB, more
+    // than any machine holds and far inside what size_t and ptrdiff_t address (also on
+    // 32-bit targets), so no size below can wrap.
+    constexpr std::uint64_t max_plane_bytes = std::min<std::uint64_t>(
+        std::uint64_t(1) << 48, std::uint64_t(std::numeric_limits<std::ptrdiff_t>::max()) / 2);
+    const std::uint64_t rows = std::uint64_t(layout.kv_heads) * std::uint64_t(capacity);
+    if (rows > max_plane_bytes / (std::uint64_t(layout.head_dim) * sizeof(T)))
+      detail::throw_invalid("cache capacity (", capacity, ") is too large: kv_heads (", layout.kv_heads,
+                            ") x capacity x head_dim (", layout.head_dim, ") elements of ", sizeof(T),
+                            " bytes exceed the ", max_plane_bytes, " bytes a plane may hold");
     return layout;
   }
   void allocate(int capacity) {
@@ -282,6 +323,34 @@ class KvCache {
       key_scales_.assign(rows, 0.f);
       value_scales_.assign(rows, 0.f);
     }
+  }
+  void reset_to_empty() {
+    options_ = CacheOptions{};
+    capacity_ = 0;
+    size_ = 0;
+    position_ = 0;
+    keys_.clear();
+    values_.clear();
+    key_scales_.clear();
+    value_scales_.clear();
+  }
+  /// This cache's tokens in a new linear cache of `capacity` (> capacity_, <= INT_MAX).
+  KvCache grown_copy(std::int64_t capacity) const {
+    KvCache grown(layout_, int(capacity), options_);
+    for (int h = 0; h < layout_.kv_heads; ++h) {
+      const std::ptrdiff_t from = std::ptrdiff_t(h) * capacity_, to = std::ptrdiff_t(h) * grown.capacity_;
+      std::copy_n(keys_.data() + from * layout_.head_dim, std::ptrdiff_t(size_) * layout_.head_dim,
+                  grown.keys_.data() + to * layout_.head_dim);
+      std::copy_n(values_.data() + from * layout_.head_dim, std::ptrdiff_t(size_) * layout_.head_dim,
+                  grown.values_.data() + to * layout_.head_dim);
+      if (detail::KvStorage<T>::scaled) {
+        std::copy_n(key_scales_.data() + from, size_, grown.key_scales_.data() + to);
+        std::copy_n(value_scales_.data() + from, size_, grown.value_scales_.data() + to);
+      }
+    }
+    grown.size_ = size_;
+    grown.position_ = position_;
+    return grown;
   }
   static float* scale_at(std::vector<float>& scales, std::ptrdiff_t row) {
     return scales.empty() ? nullptr : scales.data() + row;

@@ -14,7 +14,7 @@ namespace kvheads::detail {
 /// The ALiBi slope of head `head` (0-based) among `heads`, by the rule below.
 inline double alibi_slope(int head, int heads) {
   int power = 1;
-  while (power * 2 <= heads) power *= 2;
+  while (power <= heads / 2) power *= 2;  // not power * 2 <= heads: that overflows past 2^30
   if (head < power) return std::exp2(-8.0 * (head + 1) / power);
   return std::exp2(-8.0 * (2 * (head - power) + 1) / (2 * power));
 }
@@ -23,7 +23,7 @@ inline std::vector<double> alibi_slopes(int heads) {
   std::vector<double> slopes;
   slopes.reserve(std::size_t(heads));
   int power = 1;
-  while (power * 2 <= heads) power *= 2;
+  while (power <= heads / 2) power *= 2;  // not power * 2 <= heads: that overflows past 2^30
   for (int i = 1; i <= power; ++i) slopes.push_back(std::exp2(-8.0 * i / power));
   for (int i = 1; int(slopes.size()) < heads; i += 2) slopes.push_back(std::exp2(-8.0 * i / (2 * power)));
   return slopes;
