@@ -13,6 +13,7 @@
 //    a -inf logit gives that key weight 0, like a masked key; a row whose every visible
 //    logit is -inf outputs zeros with lse -inf, like a fully masked row.
 //  - Logits must be finite in fp32 (|q.k * scale| < 3.4e38); larger overflow to inf.
+//    scale * q itself may overflow (a scale above 1 multiplies the logits, not the queries).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "test_support.hpp"
@@ -705,5 +707,78 @@ TEST_CASE("a softcap too small for its reciprocal in fp32 still gives the refere
           check_paths<Isa>(p, options);
         }
       }
+  });
+}
+
+TEST_CASE("a scale above 1 whose product with q overflows fp32 still gives the reference's result", "[edge][scale]") {
+  // The kernels used to stage scale * q, which overflows here (|q| * scale >= 2^130) though
+  // every logit scale * (q.k) is small: q = int * 2^26, k = int * 2^-136, scale 2^104, so
+  // logits are int * 2^-6, exact in fp32 for both the kernel and the reference.
+  const float scale = std::ldexp(1.f, 104);
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (const HeadLayout& layout : {HeadLayout{4, 4, 16}, HeadLayout{8, 2, 17}, HeadLayout{8, 1, 64}})
+      for (const auto& [q_len, kv_len] : {std::pair{1, 1000}, std::pair{2, 2}, std::pair{17, 17}, std::pair{3, 40}}) {
+        Problem p(layout, q_len, kv_len, 223);
+        p.q = integer_vector(p.q.size(), 224, 3, std::ldexp(1.f, 26));
+        p.k = integer_vector(p.k.size(), 225, 3, std::ldexp(1.f, -136));
+        for (int variant = 0; variant < 3; ++variant) {
+          AttentionOptions options;
+          options.scale = scale;
+          if (variant == 1) {
+            options.causal = true;
+            options.softcap = 5.f;
+          } else if (variant == 2) {
+            options.window = 7;
+            options.alibi = true;
+          }
+          check_paths<Isa>(p, options);
+        }
+      }
+  });
+}
+
+TEST_CASE("a +inf logit next to a NaN one gives NaN on every ISA, without undefined behaviour", "[edge][inf]") {
+  // q = +inf against k = 1 and k = 0: logits +inf and NaN (inf * 0) in one block. The
+  // block max lost both (max() drops a NaN operand) and the scalar exp converted +inf to
+  // int, undefined behaviour that UBSan reports.
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (int kv_len : {2, 5, 17}) {
+      Problem p(HeadLayout{1, 1, 1}, 1, kv_len, 227);
+      p.q = {kInf};
+      for (int j = 0; j < kv_len; ++j) p.k[std::size_t(j)] = j == 1 ? 0.f : 1.f;
+      check_paths<Isa>(p, AttentionOptions{});
+      const Result plain = run_plain<Isa>(p, AttentionOptions{});
+      CHECK(std::isnan(plain.out[0]));
+    }
+  });
+}
+
+TEST_CASE("visible keys of logit -inf with an inf value give NaN wherever the key splits fall, and with sinks",
+          "[edge][inf][splits]") {
+  // The reference multiplies every visible key's weight by its value once any key (or a
+  // sink) has weight: 0 * inf = NaN. The kernel used to drop a key split whose keys all
+  // had weight 0 (sum 0 read as "saw nothing"), so the answer depended on where splits
+  // fell (1000 keys: NaN, 1024: 1), and a sink next to such keys gave 0.
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (const HeadLayout& layout : {HeadLayout{4, 1, 4}, HeadLayout{8, 2, 16}, HeadLayout{4, 4, 17}})
+      for (int kv_len : {10, 1000, 1024, 3000})
+        for (bool all_minus_inf : {false, true}) {
+          Problem p(layout, 1, kv_len, 229);
+          for (float& x : p.q) x = std::fabs(x) + 0.25f;  // q > 0: a -inf key component gives logit -inf
+          const int minus_inf_keys = all_minus_inf ? kv_len : kv_len / 2;
+          for (int j = 0; j < minus_inf_keys; ++j)
+            for (int h = 0; h < layout.kv_heads; ++h) at(p.k, layout, layout.kv_heads, j, h, 0) = -kInf;
+          for (int h = 0; h < layout.kv_heads; ++h) at(p.v, layout, layout.kv_heads, 3, h, 0) = kInf;
+          for (float sink : {kNaN, 0.f, -kInf, 3.f}) {  // NaN: no sink
+            std::vector<float> sinks(std::size_t(layout.q_heads), sink);
+            AttentionOptions options;
+            if (!std::isnan(sink)) options.sinks = sinks.data();
+            INFO((all_minus_inf ? "every" : "half the") << " keys at logit -inf, sink " << sink);
+            check_paths<Isa>(p, options);
+          }
+        }
   });
 }

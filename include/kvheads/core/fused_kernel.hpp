@@ -84,15 +84,19 @@ struct AttendArgs {
 /// Adds a sink logit to a normalised row: the sink joins the softmax denominator
 /// without a value, i.e. it is a partial result with max `sink`, sum 1 and output 0.
 /// Returns the row's mass with the sink in.
+/// `row` holds 0 * (its accumulators) when its keys had no weight (sum 0), so a visible
+/// key of logit -inf with an inf or NaN value makes it NaN next to a finite sink, as in
+/// the reference; a row with no weight anywhere (sink -inf too) is zeros.
 inline SoftmaxMass add_sink(float* row, SoftmaxMass mass, float sink, int head_dim) {
   const bool saw_keys = mass.sum != 0.f;
   const float max = saw_keys ? std::fmax(mass.max, sink) : sink;
   const float row_weight = saw_keys ? mass.sum * std::exp(mass.max - max) : 0.f;
   const float sink_weight = std::exp(sink - max);
   const float keep = row_weight / (row_weight + sink_weight);
-  // A row that saw no key stays zeros; one whose weight underflowed next to the sink
-  // still multiplies, so a NaN in it stays (as in the reference).
-  for (int d = 0; d < head_dim; ++d) row[d] = saw_keys ? row[d] * keep : 0.f;
+  // A row whose weight underflowed next to the sink still multiplies, so a NaN in it
+  // stays (as in the reference).
+  const bool no_weight = max == -std::numeric_limits<float>::infinity();
+  for (int d = 0; d < head_dim; ++d) row[d] = no_weight ? 0.f : row[d] * keep;
   return {max, row_weight + sink_weight};
 }
 
@@ -877,10 +881,10 @@ class FusedTask {
       if (by_dims) {
         if (!real) continue;
         float* dst = queries_buf + std::ptrdiff_t(r) * dim_padded_;
-        for (int d = 0; d < dim_padded_; ++d) dst[d] = d < head_dim ? q[d] * args_.scale : 0.f;
+        for (int d = 0; d < dim_padded_; ++d) dst[d] = d < head_dim ? q[d] * query_scale() : 0.f;
       } else {
         for (int d = 0; d < head_dim; ++d)
-          queries_buf[std::ptrdiff_t(d) * rows_padded + r] = real ? q[d] * args_.scale : 0.f;
+          queries_buf[std::ptrdiff_t(d) * rows_padded + r] = real ? q[d] * query_scale() : 0.f;
       }
     }
     for (int r = 0; r < rows_padded; ++r) {
@@ -1200,7 +1204,13 @@ class FusedTask {
       // Row r of the accumulators: contiguous for few rows, a column of the transposed ones.
       const float* row = by_dims ? acc + std::ptrdiff_t(r) * dim_padded_ : acc + r;
       const std::ptrdiff_t step = by_dims ? 1 : rows_padded;
-      for (int d = 0; d < head_dim; ++d) dst[d] = sum == 0.f ? 0.f : row[d * step] * inverse;
+      // Sum 0: no key had weight (none visible, or every visible logit -inf). Alone and
+      // without a sink that is zeros, as in the reference; a key split, or a row a sink
+      // joins, keeps 0 * accumulator, whose NaN (a weight-0 key's inf or NaN value)
+      // counts once another part or the sink has weight (merge_partial, add_sink).
+      const bool keep_nan = out_rows || args_.sinks;
+      for (int d = 0; d < head_dim; ++d)
+        dst[d] = sum == 0.f ? (keep_nan ? 0.f * row[d * step] : 0.f) : row[d * step] * inverse;
       SoftmaxMass mass{row_max[r], sum};
       if (mass_rows) {  // a key split: the sink joins after the merge
         mass.store(mass_rows + 2 * r);
@@ -1257,16 +1267,25 @@ class FusedTask {
     return head_dim_.get() % width != 0;
   }
 
-  /// Softcap, ALiBi and masks of one vector of logits, in the order of the contract; the
-  /// two logit layouts below differ only in which lanes a vector holds.
+  /// The queries are staged times the scale when it is at most 1 (1/sqrt(head_dim) and
+  /// every usual scale: no pass over the logits), else times 1 and the logits scaled
+  /// after Q.K, since scale * q may overflow fp32 where scale * (q.k) does not.
+  static bool scales_logits(const AttendArgs<KvT>& args) { return args.scale > 1.f; }
+  float query_scale() const { return scales_logits(args_) ? 1.f : args_.scale; }
+
+  /// Scale (when scales_logits), softcap, ALiBi and masks of one vector of logits, in the
+  /// order of the contract; the two logit layouts below differ only in which lanes a
+  /// vector holds.
   struct LogitTransform {
-    bool softcap, alibi, mask;
-    V cap, inverse_cap, minus_inf;
+    bool scale, softcap, alibi, mask;
+    V scale_by, cap, inverse_cap, minus_inf;
 
     LogitTransform(const AttendArgs<KvT>& args, bool masked)
-        : softcap(args.softcap > 0.f),
+        : scale(scales_logits(args)),
+          softcap(args.softcap > 0.f),
           alibi(args.alibi_slopes != nullptr),
           mask(masked),
+          scale_by(Isa::broadcast(args.scale)),
           cap(Isa::broadcast(args.softcap)),
           // Clamped: below 1 / FLT_MAX the reciprocal would be infinite, and a zero logit
           // times it NaN; every other logit saturates tanh either way.
@@ -1275,11 +1294,12 @@ class FusedTask {
                                                         : 0.f)),
           minus_inf(Isa::broadcast(neg_inf)) {}
 
-    bool any() const { return softcap || alibi || mask; }
+    bool any() const { return scale || softcap || alibi || mask; }
 
     /// key: each lane's key offset in the block; first/last: the visible key offsets of
     /// each lane's row; slope, bias: its ALiBi slope and (block start - query position).
     V apply(V s, V key, V first, V last, V slope, V bias) const {
+      if (scale) s = Isa::mul(s, scale_by);
       if (softcap) s = Isa::mul(cap, simd::tanh<Isa>(Isa::mul(s, inverse_cap)));
       if (alibi) s = Isa::fma(slope, Isa::add(bias, key), s);
       if (mask) {
@@ -1695,9 +1715,12 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
           for (int split = 1; split < plan.splits; ++split) {
             const std::ptrdiff_t slot = first_slot + std::ptrdiff_t(split) * rows_per_tile;
             mass = merge_partial(dst, mass, partial_out + slot * head_dim, SoftmaxMass::load(partial_mass + 2 * slot), dst,
-                                 head_dim);
+                                 head_dim, /*empty_parts_add=*/true);
           }
-          if (item.sinks) mass = add_sink(dst, mass, item.sinks[q_head], head_dim);
+          if (item.sinks)
+            mass = add_sink(dst, mass, item.sinks[q_head], head_dim);
+          else if (mass.sum == 0.f)  // no key had weight in any split: zeros, as in the reference
+            std::fill_n(dst, head_dim, 0.f);
           if (item.lse) item.lse[query * layout.q_heads + q_head] = mass.log_sum_exp();
         }
       });

@@ -76,16 +76,23 @@ struct SoftmaxMass {
 
 /// Combines two normalised partial attentions over disjoint key sets:
 /// out = (w_a out_a + w_b out_b) / (w_a + w_b) with w = sum * e^(max - common max),
-/// without overflow. A part with sum 0 (no visible key) contributes nothing. Returns the
-/// merged mass. out may alias out_a or out_b.
+/// without overflow. A part with sum 0 carries no weight. With `empty_parts_add` it still
+/// adds 0 * its output: the kernel's key splits store 0 * (their accumulators) there, so
+/// a visible key of weight 0 (logit -inf) with an inf or NaN value leaves NaN, as it
+/// does in the reference whenever another key or a sink has weight. Without it such a
+/// part is skipped (the public merge(): a caller's row of lse -inf is no result).
+/// Returns the merged mass (sum 0 when neither part had weight). out may alias out_a or
+/// out_b.
 inline SoftmaxMass merge_partial(const float* out_a, SoftmaxMass a, const float* out_b, SoftmaxMass b, float* out,
-                                 std::ptrdiff_t head_dim) {
+                                 std::ptrdiff_t head_dim, bool empty_parts_add = false) {
   const bool saw_a = a.sum != 0.f, saw_b = b.sum != 0.f;
+  const bool add_a = saw_a || empty_parts_add, add_b = saw_b || empty_parts_add;
   if (!saw_a && !saw_b) {
-    for (std::ptrdiff_t i = 0; i < head_dim; ++i) out[i] = 0.f;
+    for (std::ptrdiff_t i = 0; i < head_dim; ++i)
+      out[i] = (add_a ? 0.f * out_a[i] : 0.f) + (add_b ? 0.f * out_b[i] : 0.f);
     return {};
   }
-  // A side that saw no key takes no part in the max (its max may be -inf or stale).
+  // A side without weight takes no part in the max (its max may be -inf or stale).
   const float max = !saw_a ? b.max : !saw_b ? a.max : std::fmax(a.max, b.max);
   const float weight_a = saw_a ? a.sum * std::exp(a.max - max) : 0.f;
   const float weight_b = saw_b ? b.sum * std::exp(b.max - max) : 0.f;
@@ -93,11 +100,10 @@ inline SoftmaxMass merge_partial(const float* out_a, SoftmaxMass a, const float*
   const float scale_a = weight_a / total;
   const float scale_b = weight_b / total;
   for (std::ptrdiff_t i = 0; i < head_dim; ++i) {
-    // Skip only a side that saw no key (its output is not a result). A side whose weight
-    // merely underflowed to 0 still adds: a NaN in it makes the row NaN, as in the
-    // reference, where that weight is tiny but not 0.
-    const float from_a = saw_a ? scale_a * out_a[i] : 0.f;
-    const float from_b = saw_b ? scale_b * out_b[i] : 0.f;
+    // A side whose weight merely underflowed to 0 still adds: a NaN in it makes the row
+    // NaN, as in the reference, where that weight is tiny but not 0.
+    const float from_a = add_a ? scale_a * out_a[i] : 0.f;
+    const float from_b = add_b ? scale_b * out_b[i] : 0.f;
     out[i] = from_a + from_b;
   }
   return {max, total};

@@ -62,8 +62,10 @@ struct scalar {
   /// x * 2^n for integral n <= 127. For n < -126, where exp_nonpositive's results are
   /// below the normal range, ISAs may differ: here n <= -127 gives 0 (pow2(-127) is the
   /// zero bit pattern), AVX-512 rounds to the subnormal; either way |error| < 2^-125 for
-  /// |x| < 2, and n <= -151 gives 0 everywhere. NaN n gives 0 * x (NaN for NaN x).
-  static vec ldexp(vec x, vec n) { return x * pow2(n > -127.f ? n : -127.f); }
+  /// |x| < 2, and n <= -151 gives 0 everywhere. NaN n gives 0 * x (NaN for NaN x); n >= 128
+  /// (+inf too: a +inf logit next to a NaN one, whose max is lost) gives x * inf, never a
+  /// float-to-int conversion out of range, which is undefined behaviour.
+  static vec ldexp(vec x, vec n) { return x * pow2(n > -127.f ? (n < 128.f ? n : 128.f) : -127.f); }
 };
 
 }  // namespace kvheads::simd
