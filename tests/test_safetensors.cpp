@@ -273,6 +273,9 @@ TEST_CASE("safetensors: malformed files throw a clear std::invalid_argument", "[
     expect_invalid(raw_file("{} x", 0), {"not valid JSON"});
     expect_invalid(raw_file("\xff\xfe", 0), {"not valid JSON"});
     expect_invalid(raw_file("\xef\xbb\xbf{}", 0), {"byte order mark", "expected the JSON object's '{'"});
+    // nlohmann::json would stop at the NUL as at a C string's end and read "{}".
+    expect_invalid(raw_file(std::string("{}\0garbage", 10), 0), {"NUL byte at offset 2"});
+    expect_invalid(raw_file(std::string("{}   \0  ", 8), 0), {"NUL byte at offset 5", "padded with spaces"});
     expect_invalid(raw_file("", 0), {"not valid JSON"});
     expect_invalid(raw_file("[1, 2]", 0), {"must be a JSON object, got array"});
     expect_invalid(raw_file("\"t\"", 0), {"must be a JSON object, got string"});
@@ -462,7 +465,27 @@ TEST_CASE("safetensors: lookups, I/O errors and writer checks", "[safetensors]")
   REQUIRE_THROWS_WITH(file.add(SafetensorsTensor{"x", "F32", {2}, Bytes(7)}),
                       Contains("tensor 'x' holds 7 bytes but shape [2] of F32 needs 8"));
   REQUIRE_THROWS_WITH(file.add_f32("__metadata__", {1}, v), Contains("reserved"));
+  // JSON text is UTF-8: a name or metadata that is not cannot be written.
+  for (const char* bad_name : {"a\xff", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80", "\xe2\x82"}) {
+    INFO("name bytes: " << bad_name);
+    REQUIRE_THROWS_WITH(file.add_f32(bad_name, {1}, v), Contains("a tensor name must be valid UTF-8"));
+  }
   CHECK(file.size() == 1);
+  file.metadata()["format"] = "pt\xfe";
+  REQUIRE_THROWS_WITH(file.serialize(), Contains("metadata value of key 'format' is not valid UTF-8"));
+  file.metadata().clear();
+  file.metadata()["k\x80"] = "x";
+  REQUIRE_THROWS_WITH(file.serialize(), Contains("is not valid UTF-8"));
+  file.metadata().clear();
+  // Well-formed multi-byte names (2, 3 and 4 bytes) are written and read back.
+  const std::string wide_name = "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80";  // U+00E9 U+20AC U+1F600
+  file.add_f32(wide_name, {1}, v);
+  CHECK(Safetensors::parse(file.serialize()).contains(wide_name));
+  file = Safetensors{};
+  file.add_f32("w", {2, 2}, v);
+  // A negative dimension is an error even next to a zero one (not a count of 0).
+  REQUIRE_THROWS_WITH(SafetensorsTensor({"n", "F32", {-1, 0}, Bytes{}}).numel(),
+                      Contains("tensor 'n': shape[0] (-1) must be >= 0"));
   REQUIRE_THROWS_AS(Safetensors::load("/nonexistent/kvheads/x.safetensors"), std::runtime_error);
 
   TempDir dir;

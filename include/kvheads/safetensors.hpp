@@ -131,10 +131,37 @@ std::string json_excerpt(const Json& value) {
   return text;
 }
 
-// Element count of a shape; nullopt-like false on overflow past int64 (a zero dimension
-// makes the count 0 whatever the others are).
+// Whether text is well-formed UTF-8 (no overlong forms, surrogates or code points past
+// U+10FFFF): JSON text must be, and nlohmann::json refuses to write anything else.
+inline bool valid_utf8(const std::string& text) {
+  const auto* p = reinterpret_cast<const unsigned char*>(text.data());
+  const auto* end = p + text.size();
+  while (p < end) {
+    const unsigned char lead = *p++;
+    if (lead < 0x80) continue;
+    int more;
+    std::uint32_t code;
+    if (lead >= 0xC2 && lead <= 0xDF) more = 1, code = lead & 0x1Fu;
+    else if (lead >= 0xE0 && lead <= 0xEF) more = 2, code = lead & 0x0Fu;
+    else if (lead >= 0xF0 && lead <= 0xF4) more = 3, code = lead & 0x07u;
+    else return false;
+    if (end - p < more) return false;
+    for (int i = 0; i < more; ++i, ++p) {
+      if ((*p & 0xC0u) != 0x80u) return false;
+      code = (code << 6) | (*p & 0x3Fu);
+    }
+    const std::uint32_t smallest = more == 1 ? 0x80u : more == 2 ? 0x800u : 0x10000u;
+    if (code < smallest || code > 0x10FFFFu || (code >= 0xD800u && code <= 0xDFFFu)) return false;
+  }
+  return true;
+}
+
+// Element count of a shape; false on a negative dimension or overflow past int64 (a zero
+// dimension makes the count 0 whatever the others are).
 inline bool checked_numel(const std::vector<std::int64_t>& shape, std::int64_t& count) {
   count = 1;
+  for (std::int64_t d : shape)
+    if (d < 0) return false;
   for (std::int64_t d : shape)
     if (d == 0) {
       count = 0;
@@ -253,6 +280,9 @@ inline void write_u64_le(std::uint64_t v, unsigned char* p) {
 }  // namespace detail
 
 inline std::int64_t SafetensorsTensor::numel() const {
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] < 0)
+      detail::throw_invalid("tensor ", detail::quote_text(name), ": shape[", i, "] (", shape[i], ") must be >= 0");
   std::int64_t count = 0;
   if (!detail::checked_numel(shape, count))
     detail::throw_invalid("tensor ", detail::quote_text(name), ": shape ", detail::shape_string(shape),
@@ -327,6 +357,11 @@ inline Safetensors Safetensors::parse(const void* data, std::size_t size) {
   // with '{', and the reference reader (serde_json) refuses one too.
   if (header_length >= 3 && bytes[8] == 0xEF && bytes[9] == 0xBB && bytes[10] == 0xBF)
     throw_invalid("safetensors header starts with a UTF-8 byte order mark (expected the JSON object's '{')");
+  // nlohmann::json stops at a NUL as at the end of a C string, so "{}\0<anything>" would
+  // parse; a NUL can only stand escaped in JSON text, never raw.
+  if (const void* nul = std::memchr(header, 0, std::size_t(header_length)))
+    throw_invalid("safetensors header has a NUL byte at offset ",
+                  static_cast<const char*>(nul) - header, " (expected JSON text padded with spaces)");
   const nlohmann::json root = detail::parse_header_json(header, header + header_length);
   if (!root.is_object())
     throw_invalid("safetensors header must be a JSON object, got ", root.type_name(), " ", detail::json_excerpt(root));
@@ -462,6 +497,7 @@ inline const SafetensorsTensor& Safetensors::tensor(const std::string& name) con
 inline void Safetensors::add(SafetensorsTensor tensor) {
   const std::string context = "tensor " + detail::quote_text(tensor.name);
   if (tensor.name == "__metadata__") detail::throw_invalid("tensor name '__metadata__' is reserved for metadata");
+  if (!detail::valid_utf8(tensor.name)) detail::throw_invalid(context, ": a tensor name must be valid UTF-8");
   const std::size_t need = detail::checked_tensor_bytes(context, tensor.dtype, tensor.shape);
   if (tensor.bytes.size() != need)
     detail::throw_invalid(context, " holds ", tensor.bytes.size(), " bytes but shape ",
@@ -472,6 +508,13 @@ inline void Safetensors::add(SafetensorsTensor tensor) {
 }
 
 inline std::vector<unsigned char> Safetensors::serialize() const {
+  // Names were checked by add(); metadata() is the caller's map, checked here.
+  for (const auto& entry : metadata_) {
+    if (!detail::valid_utf8(entry.first))
+      detail::throw_invalid("metadata key ", detail::quote_text(entry.first), " is not valid UTF-8");
+    if (!detail::valid_utf8(entry.second))
+      detail::throw_invalid("metadata value of key ", detail::quote_text(entry.first), " is not valid UTF-8");
+  }
   nlohmann::json header = nlohmann::json::object();
   std::uint64_t offset = 0;
   for (const auto& item : tensors_) {
