@@ -437,7 +437,10 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
   if constexpr (Tiling<Isa>::dims_key_pairs(Rows)) {
     constexpr int ahead_keys = Tiling<Isa>::dims_pair_ahead;
     const auto query_vec = [&](int r, int c) {
-      if (c < Held) return held[r][c < Held ? c : 0];
+      // Not a run-time test alone: with Held 0, g++ -O1/-O2 warns that `held` may be read
+      // uninitialised on a path it cannot rule out.
+      if constexpr (Held > 0)
+        if (c < Held) return held[r][c];
       V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + c * width);
       Isa::hold(q);
       return q;
@@ -873,6 +876,8 @@ class FusedTask {
       for_each_line(args_.q, args_.q_token_stride, args_.q_head_stride, kv_head, first_query, rows,
                     [](const float* line) { simd::prefetch(line); });
     // Stage the scaled queries: transposed for the by-rows kernel, padded rows otherwise.
+    // (The scale is read once: the stores below are floats and could alias args_.scale.)
+    const float staged_scale = query_scale();
     for (int r = 0; r < rows_padded; ++r) {
       const bool real = r < rows;
       const int query = real ? r / group : 0;
@@ -881,10 +886,10 @@ class FusedTask {
       if (by_dims) {
         if (!real) continue;
         float* dst = queries_buf + std::ptrdiff_t(r) * dim_padded_;
-        for (int d = 0; d < dim_padded_; ++d) dst[d] = d < head_dim ? q[d] * query_scale() : 0.f;
+        for (int d = 0; d < dim_padded_; ++d) dst[d] = d < head_dim ? q[d] * staged_scale : 0.f;
       } else {
         for (int d = 0; d < head_dim; ++d)
-          queries_buf[std::ptrdiff_t(d) * rows_padded + r] = real ? q[d] * query_scale() : 0.f;
+          queries_buf[std::ptrdiff_t(d) * rows_padded + r] = real ? q[d] * staged_scale : 0.f;
       }
     }
     for (int r = 0; r < rows_padded; ++r) {
@@ -1784,15 +1789,23 @@ void dispatch_fused(const AttendArgs<KvT>& args) {
   dispatch_fused<Isa>(&args, 1);
 }
 
-/// Static sizes skip the run-time switch (Attention<T, QHeads, KvHeads, HeadDim>).
+/// Static sizes skip the run-time switch (Attention<T, QHeads, KvHeads, HeadDim>), except
+/// where the project compiles the kernels once (KVHEADS_EXTERN_KERNELS) or keeps only the
+/// run-time-size kernel (KVHEADS_SHAPE_SPECIALIZATIONS=0): an instantiation of its own
+/// shape would be compiled again in every file that runs the layer. The switch reaches the
+/// same instantiation for the common shapes, and the run-time-size kernel for the others.
 template <class Isa, int HeadDimStatic, int GroupStatic, class KvT>
 void dispatch_fused_static(const AttendArgs<KvT>& args) {
+#if defined(KVHEADS_EXTERN_KERNELS) || !KVHEADS_SHAPE_SPECIALIZATIONS
+  dispatch_fused<Isa>(&args, 1);
+#else
   if constexpr (HeadDimStatic == Dynamic)
     dispatch_fused<Isa>(&args, 1);
   else if constexpr (GroupStatic == Dynamic)
     dispatch_group<Isa, HeadDimStatic>(&args, 1);
   else
     run_fused_batch<Isa, HeadDimStatic, GroupStatic>(&args, 1);
+#endif
 }
 
 }  // namespace kvheads::detail
