@@ -2,6 +2,10 @@
 // exclusive and in range, exceptions, concurrent callers, nesting, pool sizes.
 #include "kvheads/core/parallel.hpp"
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -129,12 +133,30 @@ TEST_CASE("workers_for caps by pool size, threads and tasks", "[parallel]") {
   CHECK(workers_for(single, 100, 4) == 1);
 }
 
-TEST_CASE("ThreadPool(0) uses the hardware concurrency", "[parallel]") {
+TEST_CASE("ThreadPool(0) uses the CPUs the thread may run on", "[parallel]") {
   ThreadPool pool(0);
-  const int hardware = static_cast<int>(std::thread::hardware_concurrency());
-  CHECK(pool.size() == (hardware > 0 ? hardware : 1));
   ThreadPool by_default;
   CHECK(by_default.size() == pool.size());
+#if defined(__linux__) && defined(CPU_COUNT)
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  REQUIRE(sched_getaffinity(0, sizeof(allowed), &allowed) == 0);
+  CHECK(pool.size() == CPU_COUNT(&allowed));
+  // Restricted to one CPU (as under `taskset -c N`), a pool of hardware_concurrency()
+  // workers would oversubscribe it.
+  int first_cpu = 0;
+  while (!CPU_ISSET(first_cpu, &allowed)) ++first_cpu;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first_cpu, &one);
+  REQUIRE(sched_setaffinity(0, sizeof(one), &one) == 0);
+  const int pinned_size = ThreadPool(0).size();
+  REQUIRE(sched_setaffinity(0, sizeof(allowed), &allowed) == 0);
+  CHECK(pinned_size == 1);
+#else
+  const int hardware = static_cast<int>(std::thread::hardware_concurrency());
+  CHECK(pool.size() == (hardware > 0 ? hardware : 1));
+#endif
 }
 
 TEST_CASE("a negative thread count names the value", "[parallel]") {

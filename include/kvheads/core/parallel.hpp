@@ -26,6 +26,10 @@
 
 #include "kvheads/core/check.hpp"
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 namespace kvheads {
 
 class ThreadPool;
@@ -119,16 +123,31 @@ void call_erased(void* fn, std::ptrdiff_t task, int worker) {
   (*static_cast<F*>(fn))(task, worker);
 }
 
+/// The CPUs this thread may run on: its affinity mask on Linux (taskset, numactl, a
+/// container's cpuset), which std::thread::hardware_concurrency() ignores; elsewhere, or
+/// when the mask cannot be read, hardware_concurrency(). At least 1. CPU time quotas
+/// (cgroup cpu.max) are not seen: pass a ThreadPool of the size you want there.
+inline int usable_cpus() {
+#if defined(__linux__) && defined(CPU_COUNT)
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  if (sched_getaffinity(0, sizeof(mask), &mask) == 0) return std::max(1, CPU_COUNT(&mask));
+#endif
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
 }  // namespace detail
 
 /// A persistent pool of worker threads; attend() uses a process-wide default one, or one the user passes.
 class ThreadPool {
  public:
-  /// threads: total workers including the calling thread; 0 = hardware concurrency (at least 1).
+  /// threads: total workers including the calling thread; 0 = the CPUs the constructing
+  /// thread may run on (detail::usable_cpus: its affinity mask on Linux, else hardware
+  /// concurrency; at least 1).
   explicit ThreadPool(int threads = 0) {
     if (threads < 0)
       detail::throw_invalid("ThreadPool threads (", threads, ") must be >= 0 (0 = hardware concurrency)");
-    size_ = threads > 0 ? threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    size_ = threads > 0 ? threads : detail::usable_cpus();
     if (size_ == 1) return;
     wake_ = std::make_unique<std::condition_variable[]>(static_cast<std::size_t>(size_));
     shares_ = std::make_unique<detail::Share[]>(static_cast<std::size_t>(size_));
@@ -150,8 +169,8 @@ class ThreadPool {
   /// Most workers a parallel_for on this pool uses, including the caller.
   int size() const { return size_; }
 
-  /// The process-wide pool (hardware-concurrency workers), created on first use and
-  /// never destroyed, so it outlives every static object that might still use it.
+  /// The process-wide pool (one worker per usable CPU, see the constructor), created on
+  /// first use and never destroyed, so it outlives every static object that might still use it.
   static ThreadPool& global() {
     static ThreadPool* const pool = new ThreadPool(0);
     return *pool;
