@@ -5,8 +5,10 @@
 //  - caches store bf16 or int8 to halve or quarter the KV bytes;
 //  - attention sinks (one learned logit per head, as in gpt-oss) absorb probability mass;
 //  - all conversations are attended in one batched call that splits work across threads;
-//  - a speculative draft of 4 tokens is appended, 3 are rejected and dropped.
-// Each step is checked against the reference on the tokens the cache holds.
+//  - a speculative draft of 4 tokens is appended, verified in one call of 4 queries, and
+//    the 3 rejected tokens are dropped before decoding goes on.
+// Every 100th step, the last one and the draft are checked against the reference on the
+// tokens the cache holds.
 //
 // Run: cmake --build build --target sliding_window_chat && ./build/examples/sliding_window_chat [steps]
 #include <cmath>
@@ -27,9 +29,11 @@ std::vector<float> random_rows(std::mt19937& rng, std::size_t n) {
   return out;
 }
 
-// Attention over what a cache holds, recomputed by the reference (window and sinks included).
+// Attention of the cache's newest q_len positions over what it holds, recomputed by the
+// reference (window and sinks included).
 template <class T>
-double check(const kvheads::KvCache<T>& cache, const float* q, const float* out, const kvheads::AttentionOptions& options) {
+double check(const kvheads::KvCache<T>& cache, const float* q, int q_len, const float* out,
+             const kvheads::AttentionOptions& options) {
   const kvheads::HeadLayout& layout = cache.layout();
   std::vector<float> k(std::size_t(cache.size()) * std::size_t(layout.kv_width())), v(k.size());
   for (int t = 0; t < cache.size(); ++t)
@@ -37,11 +41,11 @@ double check(const kvheads::KvCache<T>& cache, const float* q, const float* out,
       const std::size_t offset = (std::size_t(t) * std::size_t(layout.kv_heads) + std::size_t(h)) * std::size_t(layout.head_dim);
       cache.read_token(cache.first_position() + t, h, k.data() + offset, v.data() + offset);
     }
-  // The ring holds positions [first_position, position); the query is the newest one.
-  std::vector<float> expected(std::size_t(layout.q_width()));
+  // The ring holds positions [first_position, position); the queries are the newest ones.
+  std::vector<float> expected(std::size_t(q_len) * std::size_t(layout.q_width()));
   kvheads::AttentionOptions windowed = options;
   windowed.window = cache.window();
-  kvheads::reference_attend(q, k.data(), v.data(), expected.data(), 1, cache.size(), layout, windowed);
+  kvheads::reference_attend(q, k.data(), v.data(), expected.data(), q_len, cache.size(), layout, windowed);
   double worst = 0;
   for (std::size_t i = 0; i < expected.size(); ++i) worst = std::fmax(worst, std::fabs(double(out[i]) - expected[i]));
   return worst;
@@ -51,12 +55,20 @@ double check(const kvheads::KvCache<T>& cache, const float* q, const float* out,
 
 int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 600;
+  if (steps <= 0) {
+    std::fprintf(stderr, "usage: %s [steps > 0]\n", argv[0]);
+    return 2;
+  }
   const kvheads::HeadLayout layout{16, 2, 64};  // GQA: 16 query heads share 2 KV heads
-  const int window = 256, conversations = 3;
+  const int window = 256, conversations = 3, draft_tokens = 4;
   std::mt19937 rng(7);
 
+  // Room for draft_tokens queries per call: verifying a draft attends all of its tokens at
+  // once, and after the rejected ones are dropped the ring must still hold every key of the
+  // next query's window. A ring made for one query per call would refuse both.
   std::vector<kvheads::KvCache<kvheads::bf16>> caches;
-  for (int c = 0; c < conversations; ++c) caches.push_back(kvheads::KvCache<kvheads::bf16>::ring(layout, window));
+  for (int c = 0; c < conversations; ++c)
+    caches.push_back(kvheads::KvCache<kvheads::bf16>::ring(layout, window, draft_tokens));
   auto quantised = kvheads::KvCache<std::int8_t>::ring(layout, window);
 
   std::vector<float> sinks = random_rows(rng, std::size_t(layout.q_heads));
@@ -80,7 +92,7 @@ int main(int argc, char** argv) {
     kvheads::attend(batch, options);  // one call for every conversation
     if (step % 100 == 0 || step == steps - 1)
       for (int c = 0; c < conversations; ++c)
-        worst = std::fmax(worst, check(caches[std::size_t(c)], queries[std::size_t(c)].data(),
+        worst = std::fmax(worst, check(caches[std::size_t(c)], queries[std::size_t(c)].data(), 1,
                                        outputs[std::size_t(c)].data(), options));
   }
   std::printf("%d steps x %d conversations: each ring holds %d of %lld tokens in %zu bytes (bf16)\n", steps,
@@ -90,15 +102,27 @@ int main(int argc, char** argv) {
   std::vector<float> out(std::size_t(layout.q_width()));
   kvheads::attend(queries[0].data(), 1, quantised, out.data(), options);
   std::printf("int8 ring: %zu bytes, max |kernel - reference| %.2e\n", quantised.bytes(),
-              check(quantised, queries[0].data(), out.data(), options));
+              check(quantised, queries[0].data(), 1, out.data(), options));
 
-  // Speculative decoding: append a draft of 4 tokens, keep 1, drop the rejected 3.
-  const std::vector<float> draft = random_rows(rng, std::size_t(4 * layout.kv_width()));
-  const std::int64_t before = caches[0].position();
-  caches[0].append(draft.data(), draft.data(), 4);
-  caches[0].drop_last(3);
-  std::printf("speculative draft: position %lld -> %lld after keeping 1 of 4 tokens\n", static_cast<long long>(before),
-              static_cast<long long>(caches[0].position()));
+  // Speculative decoding: append a draft's K/V, verify its tokens in one call of
+  // draft_tokens queries, keep the first and drop the rejected rest, then decode on.
+  kvheads::KvCache<kvheads::bf16>& chat = caches[0];
+  const std::size_t draft_kv = std::size_t(draft_tokens) * std::size_t(layout.kv_width());
+  const std::vector<float> draft_k = random_rows(rng, draft_kv), draft_v = random_rows(rng, draft_kv);
+  const std::vector<float> draft_q = random_rows(rng, std::size_t(draft_tokens) * std::size_t(layout.q_width()));
+  std::vector<float> draft_out(draft_q.size());
+  const std::int64_t before = chat.position();
+  chat.append(draft_k.data(), draft_v.data(), draft_tokens);
+  kvheads::attend(draft_q.data(), draft_tokens, chat, draft_out.data(), options);
+  worst = std::fmax(worst, check(chat, draft_q.data(), draft_tokens, draft_out.data(), options));
+  chat.drop_last(draft_tokens - 1);
+  const std::vector<float> next_k = random_rows(rng, std::size_t(layout.kv_width()));
+  const std::vector<float> next_v = random_rows(rng, std::size_t(layout.kv_width()));
+  chat.append(next_k.data(), next_v.data(), 1);
+  kvheads::attend(queries[0].data(), 1, chat, out.data(), options);
+  worst = std::fmax(worst, check(chat, queries[0].data(), 1, out.data(), options));
+  std::printf("speculative draft: position %lld -> %lld after keeping 1 of %d tokens and decoding 1 more\n",
+              static_cast<long long>(before), static_cast<long long>(chat.position()), draft_tokens);
 
   std::printf("max |kernel - reference| over the chat: %.2e (%s)\n", worst, worst < 1e-4 ? "ok" : "MISMATCH");
   return worst < 1e-4 ? 0 : 1;
