@@ -48,8 +48,9 @@ class Attention {
     wo_ = RowMatrix::Zero(layout_.q_width(), d_model);
   }
 
-  /// Copies the four weights (shapes as in DESIGN.md; each checked against the layout).
-  /// d_model is wq's row count.
+  /// Copies the four weights, each checked against the layout: wq [d_model][q_heads *
+  /// head_dim], wk and wv [d_model][kv_heads * head_dim], wo [q_heads * head_dim][d_model]
+  /// (row-major, x * W: the transpose of PyTorch's nn.Linear weight). d_model is wq's row count.
   Attention(HeadLayout layout, const Eigen::Ref<const RowMatrix>& wq, const Eigen::Ref<const RowMatrix>& wk,
             const Eigen::Ref<const RowMatrix>& wv, const Eigen::Ref<const RowMatrix>& wo)
       : Attention(d_model_of(wq), layout) {

@@ -12,10 +12,14 @@ class ThreadPool;  // core/parallel.hpp
 /// s = scale * q.k, then softcap * tanh(s / softcap), then + ALiBi bias, then masks.
 struct AttentionOptions {
   bool causal = false;
+  /// A window W > 0: the row at position pos sees keys pos - W < j <= pos, so it hides
+  /// future keys too, with or without `causal`.
   int window = 0;       // sliding window in tokens, 0 = unlimited
   float softcap = 0.f;  // 0 = off
   bool alibi = false;
   float scale = 0.f;    // 0 = 1/sqrt(head_dim)
+  /// Most workers a call uses, the caller included; capped at the pool's size. 0: the
+  /// whole pool (the global one has a worker per CPU the process may run on).
   int threads = 0;      // 0 = hardware concurrency
   /// Optional per-query-head sink logits [q_heads] (gpt-oss, ONNX Runtime's head_sink):
   /// each joins its head's softmax denominator without a value. Not owned.

@@ -1,6 +1,8 @@
 #pragma once
-// Non-owning strided views over user memory: the same kernel reads the plain
-// [tokens][heads][head_dim] layout and the cache's [heads][capacity][head_dim] layout.
+// Non-owning strided views over user memory: the reference (core/reference.hpp) reads
+// the plain [tokens][heads][head_dim] layout and the cache's [heads][capacity][head_dim]
+// layout through them. The fused kernel takes the same two layouts by their strides
+// (detail::AttendArgs); the public attend() overloads take dense memory or a KvCache.
 #include <cstddef>
 
 namespace kvheads {
