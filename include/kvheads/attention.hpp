@@ -104,7 +104,9 @@ class Attention {
   /// the output projection into out [n_tokens][d_model]. With RoPE enabled, Q and K are rotated
   /// after projection, token t at absolute position cache.position() + t (before the append).
   /// Throws (cache unchanged) on a layout mismatch, a full cache, more tokens than a ring
-  /// cache can take as queries, or a weight whose shape was changed through its accessor.
+  /// cache can take as queries, or a weight whose shape was changed through its accessor;
+  /// an exception from the attention or projections after the append (std::bad_alloc,
+  /// std::system_error) also leaves the cache's tokens as they were.
   void forward(const float* x, int n_tokens, Cache& cache, float* out, const AttentionOptions& options = {}) const {
     if (n_tokens < 0) detail::throw_invalid("n_tokens (", n_tokens, ") must be >= 0");
     detail::require_pointer(x, n_tokens, "x");
@@ -140,10 +142,20 @@ class Attention {
     // A separate output buffer: tasks of other heads still read their queries from q.
     // Allocated before the append, so that running out of memory leaves the cache as it was.
     std::vector<float> attended(q.size());
+    // What the append overwrites, saved first: the attention and the output projection
+    // after it can still throw (std::bad_alloc for per-thread scratch or Eigen's blocks,
+    // std::system_error when the thread pool is first created), and then the append is
+    // undone, so the cache is left as it was.
+    const typename Cache::AppendUndo undo = cache.save_for_append(n_tokens);
     cache.append(k.data(), v.data(), n_tokens);
-    detail::dispatch_fused_static<simd::default_isa, HeadDim, GroupSize>(
-        detail::cache_args(q.data(), n_tokens, cache, attended.data(), options, nullptr));
-    detail::project(attended.data(), n_tokens, wo_, out);
+    try {
+      detail::dispatch_fused_static<simd::default_isa, HeadDim, GroupSize>(
+          detail::cache_args(q.data(), n_tokens, cache, attended.data(), options, nullptr));
+      detail::project(attended.data(), n_tokens, wo_, out);
+    } catch (...) {
+      cache.undo_append(undo);
+      throw;
+    }
   }
 
   /// Eigen overload: x [n_tokens][d_model] -> returns [n_tokens][d_model]. x may be any

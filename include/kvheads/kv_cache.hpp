@@ -97,6 +97,9 @@ struct KvStorage<std::int8_t> {
 
 }  // namespace detail
 
+template <class T, int QHeads, int KvHeads, int HeadDim>
+class Attention;  // attention.hpp: forward() undoes its append when a later step throws
+
 /// Cache of the keys and values of the tokens seen so far, for one attention layer.
 template <class T>
 class KvCache {
@@ -294,6 +297,70 @@ class KvCache {
   }
 
  private:
+  template <class, int, int, int>
+  friend class Attention;
+
+  /// What an append of n_tokens changes, saved beforehand so that undo_append() can put it
+  /// back: size and position, and for a ring the rows its append overwrites (a linear cache
+  /// writes only slots past its size, which hold no cached token).
+  struct AppendUndo {
+    int size = 0;
+    std::int64_t position = 0;
+    std::vector<std::ptrdiff_t> rows;  // [slots][kv_heads] row indices, as append() computes them
+    std::vector<T> keys, values;       // [rows][head_dim]
+    std::vector<float> key_scales, value_scales;
+  };
+
+  /// Saves what append(k, v, n_tokens) would change. Allocates; changes nothing.
+  AppendUndo save_for_append(int n_tokens) const {
+    AppendUndo undo;
+    undo.size = size_;
+    undo.position = position_;
+    if (!is_ring() || n_tokens <= 0) return undo;
+    const int skip = std::max(0, n_tokens - capacity_);
+    const std::size_t row_count = std::size_t(n_tokens - skip) * std::size_t(layout_.kv_heads);
+    const std::size_t dim = std::size_t(layout_.head_dim);
+    undo.rows.reserve(row_count);
+    undo.keys.resize(row_count * dim);
+    undo.values.resize(row_count * dim);
+    if (detail::KvStorage<T>::scaled) {
+      undo.key_scales.resize(row_count);
+      undo.value_scales.resize(row_count);
+    }
+    for (int t = skip; t < n_tokens; ++t) {
+      const int slot = int((position_ + t) % capacity_);
+      for (int h = 0; h < layout_.kv_heads; ++h) {
+        const std::ptrdiff_t row = std::ptrdiff_t(h) * capacity_ + slot;
+        const std::size_t i = undo.rows.size();
+        undo.rows.push_back(row);
+        std::copy_n(keys_.data() + row * layout_.head_dim, dim, undo.keys.data() + i * dim);
+        std::copy_n(values_.data() + row * layout_.head_dim, dim, undo.values.data() + i * dim);
+        if (detail::KvStorage<T>::scaled) {
+          undo.key_scales[i] = key_scales_[std::size_t(row)];
+          undo.value_scales[i] = value_scales_[std::size_t(row)];
+        }
+      }
+    }
+    return undo;
+  }
+
+  /// Puts back what save_for_append() saved, after that append. A growable cache that grew
+  /// keeps its new capacity (with the same tokens).
+  void undo_append(const AppendUndo& undo) noexcept {
+    const std::size_t dim = std::size_t(layout_.head_dim);
+    for (std::size_t i = 0; i < undo.rows.size(); ++i) {
+      const std::ptrdiff_t row = undo.rows[i];
+      std::copy_n(undo.keys.data() + i * dim, dim, keys_.data() + row * layout_.head_dim);
+      std::copy_n(undo.values.data() + i * dim, dim, values_.data() + row * layout_.head_dim);
+      if (detail::KvStorage<T>::scaled) {
+        key_scales_[std::size_t(row)] = undo.key_scales[i];
+        value_scales_[std::size_t(row)] = undo.value_scales[i];
+      }
+    }
+    size_ = undo.size;
+    position_ = undo.position;
+  }
+
   static HeadLayout checked(HeadLayout layout, int capacity, const CacheOptions& options) {
     layout.validate();
     if (capacity <= 0) detail::throw_invalid("cache capacity (", capacity, ") must be positive");
