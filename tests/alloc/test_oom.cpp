@@ -36,8 +36,11 @@ void* operator new(std::size_t n) {
   throw std::bad_alloc();
 }
 void* operator new[](std::size_t n) { return ::operator new(n); }
+thread_local std::size_t largest_aligned_bytes = 0;  // the per-thread scratch is allocated aligned
+
 void* operator new(std::size_t n, std::align_val_t a) {
   maybe_fail();
+  largest_aligned_bytes = std::max(largest_aligned_bytes, n);
   void* p = nullptr;
   if (posix_memalign(&p, std::max<std::size_t>(std::size_t(a), sizeof(void*)), n ? n : 1) == 0) return p;
   throw std::bad_alloc();
@@ -179,4 +182,20 @@ TEST_CASE("attend() that runs out of memory throws std::bad_alloc and the next c
     kvheads::attend(q.data(), 1, cache, out.data(), options);
     CHECK(std::memcmp(out.data(), expected.data(), out.size() * sizeof(float)) == 0);
   }
+}
+
+TEST_CASE("per-thread scratch grows to the size asked for, not twice the old one", "[oom][memory]") {
+  // README "Memory": a plain-memory prefill keeps 2 x kv_len x kv_heads x head_dim floats of
+  // staging; growing that from 4000 to 5000 keys must not allocate (and keep) 8000 keys' worth.
+  std::thread([] {
+    for (int slot = 0; slot < 3; ++slot) {
+      kvheads::detail::thread_scratch(4000, slot);
+      largest_aligned_bytes = 0;
+      kvheads::detail::thread_scratch(5000, slot);
+      CHECK(largest_aligned_bytes == 5000 * sizeof(float));
+      largest_aligned_bytes = 0;
+      kvheads::detail::thread_scratch(4500, slot);  // smaller: reused
+      CHECK(largest_aligned_bytes == 0);
+    }
+  }).join();
 }

@@ -181,10 +181,17 @@ struct Size<Dynamic> {
 /// Growable per-thread scratch: allocated on first use and reused by every later call on
 /// that thread (the pool's workers are persistent), so the hot path allocates nothing.
 /// Slots: 0 a task's working set, 1 key-split partial results, 2 head-major K/V copies.
+/// A slot grows to exactly the size asked for, its old block freed first: its contents
+/// are dead between calls, so neither copying them nor vector's doubling growth (which
+/// kept up to twice the staging size and, while growing, old and new blocks at once) buys
+/// anything.
 inline float* thread_scratch(std::size_t floats, int slot) {
   thread_local std::vector<float, AlignedAllocator<float>> buffers[3];
   std::vector<float, AlignedAllocator<float>>& buffer = buffers[slot];
-  if (buffer.size() < floats) buffer.resize(floats);
+  if (buffer.size() < floats) {
+    std::vector<float, AlignedAllocator<float>>().swap(buffer);
+    buffer.resize(floats);
+  }
   return buffer.data();
 }
 
