@@ -8,7 +8,10 @@
 // where decode splits the keys across threads.
 // Data modes: normal (N(0, 1) data, any scale), large (integer data times powers of two,
 // so every logit is exact in fp32 and reaches 1e4 .. 1e30; no ALiBi there, since adding a
-// small bias to a huge fp32 logit rounds) and NaN (up to three NaN planted in q, k or v).
+// small bias to a huge fp32 logit rounds), NaN (up to three NaN planted in q, k or v) and
+// inf (up to three of +-inf, +-FLT_MAX, +-FLT_MAX / 2, +-1e38 planted in q, k, v or a sink).
+// The inf mode is compared with the fp32 limits the README documents taken into account
+// (see InfModeCheck): only where fp32 cannot hold the reference's result may it differ.
 //
 // Build and run (see tests/fuzz/README.md; -march=native compiles the AVX2/AVX-512 paths in):
 //   clang++ -std=c++17 -g -O1 -march=native -fsanitize=fuzzer,address,undefined -Iinclude \
@@ -25,9 +28,11 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvheads/attend.hpp"
+#include "kvheads/core/logits.hpp"
 #include "kvheads/core/reference.hpp"
 #include "kvheads/kv_cache.hpp"
 #include "kvheads/simd/simd.hpp"
@@ -51,7 +56,14 @@ struct Reader {
 };
 
 enum class Path { plain, cache, cache_bf16, ring };
-enum class Mode { normal, large, nan };
+enum class Mode { normal, large, nan, inf };
+
+/// One value the inf mode planted, kept to describe a failing case.
+struct Plant {
+  char where;  // 'q', 'k', 'v' or 's' (a sink)
+  std::size_t index;
+  float value;
+};
 
 struct Case {
   HeadLayout layout{};
@@ -65,6 +77,7 @@ struct Case {
   std::uint32_t seed = 0;
   std::vector<float> q, k, v;
   int chunk = 1;  // append chunk size for the cache paths
+  std::vector<Plant> plants;
 };
 
 const char* path_name(Path p) {
@@ -76,7 +89,9 @@ const char* path_name(Path p) {
   }
 }
 
-const char* mode_name(Mode m) { return m == Mode::normal ? "normal" : m == Mode::large ? "large" : "nan"; }
+const char* mode_name(Mode m) {
+  return m == Mode::normal ? "normal" : m == Mode::large ? "large" : m == Mode::nan ? "nan" : "inf";
+}
 
 /// The ISAs compiled in that this CPU runs, with a runner each.
 struct IsaRunner {
@@ -155,7 +170,8 @@ Case decode(Reader& in) {
   c.options.softcap = softcap ? 0.5f + float(softcap_byte) / 8.f : 0.f;
   c.options.threads = 1 + in.byte() % 3;
   const std::uint8_t mode = in.byte();
-  c.mode = mode % 3 == 0 ? Mode::nan : mode % 3 == 1 ? Mode::normal : Mode::large;
+  // The inf mode takes half of the planting slot, so the older seeds decode as before.
+  c.mode = mode % 3 == 1 ? Mode::normal : mode % 3 == 2 ? Mode::large : (mode / 3) % 2 ? Mode::inf : Mode::nan;
   const std::uint8_t path = in.byte();
   c.path = Path(path % 4);
   c.chunk = 1 + (path >> 2) % 64;
@@ -195,6 +211,23 @@ Case decode(Reader& in) {
       if (x && !x->empty()) (*x)[where % x->size()] = std::numeric_limits<float>::quiet_NaN();
     }
   }
+  // Infinities and values at the edge of fp32's range, where it overflows first.
+  static constexpr float huge[] = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::max(),
+                                   std::numeric_limits<float>::max() / 2, 1e38f};
+  std::vector<std::pair<std::uint32_t, float>> sink_plants;
+  if (c.mode == Mode::inf) {
+    for (int i = 0; i < 3; ++i) {
+      const std::uint8_t target = in.byte();
+      const std::uint32_t where = in.u32();
+      const float value = (target & 4 ? -1.f : 1.f) * huge[(target >> 3) % 4];
+      std::vector<float>* x = target % 4 == 0 ? &c.q : target % 4 == 1 ? &c.k : target % 4 == 2 ? &c.v : nullptr;
+      if (x && !x->empty()) {
+        (*x)[where % x->size()] = value;
+        c.plants.push_back({"qkv"[target % 4], where % x->size(), value});
+      }
+      if (!x) sink_plants.emplace_back(where, value);
+    }
+  }
   if (c.path == Path::cache_bf16) {  // the bf16 cache then stores exactly these values
     for (float& x : c.k) x = bf16_round(x);
     for (float& x : c.v) x = bf16_round(x);
@@ -203,6 +236,10 @@ Case decode(Reader& in) {
     std::normal_distribution<float> normal(0.f, 2.f);
     c.sinks.resize(std::size_t(q_heads));
     for (float& s : c.sinks) s = normal(rng);
+    for (const auto& [where, value] : sink_plants) {
+      c.sinks[where % c.sinks.size()] = value;
+      c.plants.push_back({'s', where % c.sinks.size(), value});
+    }
     c.options.sinks = c.sinks.data();
   }
   return c;
@@ -218,6 +255,10 @@ Case decode(Reader& in) {
                int(c.options.causal), c.options.window, double(c.options.softcap), int(c.options.alibi),
                double(c.options.scale), c.options.threads, int(c.options.sinks != nullptr), int(c.with_lse), c.chunk,
                c.seed);
+  for (const Plant& p : c.plants)  // stored values: a bf16 cache holds them rounded
+    std::fprintf(stderr, "  planted %c[%zu] = %g\n", p.where, p.index,
+                 double(p.where == 'q' ? c.q[p.index] : p.where == 'k' ? c.k[p.index]
+                        : p.where == 'v' ? c.v[p.index] : c.sinks[p.index]));
   std::abort();
 }
 
@@ -238,6 +279,296 @@ void compare(const Case& c, const char* what, const std::vector<float>& got, con
   }
 }
 
+// --- The inf mode: the reference's result where fp32 can hold it, and only there leeway. ---
+//
+// fp32 differs from the double reference in three documented ways (README, "Extreme
+// values" and "NaN stays in its rows"); each exemption below is worked out per row (or per
+// output element) from the case's own numbers, so every other element is held to the rule
+// of the other modes (NaN exactly where the reference has NaN, the same +-inf, else within
+// 1e-4):
+//  1. P.V sums values in fp32, each weighted by at most 1 (by exactly 1 when its key is the
+//     running max), so an output element whose visible |v| sum to about FLT_MAX may overflow
+//     to +-inf, or NaN once an inf meets its opposite or a rescale of 0: it may be
+//     non-finite where the reference is not.
+//  2. A key weight below 2^-126 is subnormal or 0 in fp32 (exp of a gap past ~87; 0 on
+//     every ISA past 110), so a visible +-inf value behind it gives 0 * inf = NaN where the
+//     reference's tiny weight gives +-inf, and a huge finite value's contribution (up to
+//     2^-126 * FLT_MAX = 4) is lost: that contribution widens the tolerance.
+//  3. Logits are fp32 (|scale * q.k| < FLT_MAX): a logit, or a q.k partial sum, past it
+//     overflows to +-inf (NaN when both signs do). The expected row is then the reference's
+//     arithmetic on the logits fp32 gets (a +inf logit makes the row NaN, a -inf one weight
+//     0); a key whose overflow depends on summation order makes its row unknown (skipped).
+//     Finite logits of 1e30 and more carry fp32 rounding of 1e23 and more, so keys within
+//     that of the top one take any share of the weight: such a row must lie within the
+//     span of those keys' values, its lse between their smallest and largest logit.
+
+constexpr double kFloatMax = std::numeric_limits<float>::max();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+/// fp32 may make a normalised weight below this 0 (2^-126 with room for logit error).
+constexpr double kUnderflowWeight = 0x1p-120;
+/// exp_nonpositive is exactly 0 past a gap of 110 on every ISA; 120 leaves room.
+constexpr double kZeroWeightGap = 120;
+/// fp32 logits this far from the reference's make keys' shares of the weight unknown.
+constexpr double kImpreciseLogit = 1;
+
+/// A key's logit as the reference computes it (double) and as fp32 can: the value fp32
+/// overflows to where it does, else the reference's value, within +-error.
+struct KeyLogit {
+  double exact = 0, fp32 = 0, error = 0;
+  bool known = true;  // false: whether, or to which sign, fp32 overflows depends on the order
+};
+
+KeyLogit key_logit(const Case& c, const float* q_row, const float* k_row, double alibi_bias) {
+  const int head_dim = c.layout.head_dim;
+  const float scale = c.options.effective_scale(head_dim);
+  const bool scales_logits = scale > 1.f;  // FusedTask::scales_logits: else q is staged times scale
+  const double sum_rounding = (head_dim + 2) * 0x1p-23;
+  double exact_dot = 0, rest = 0;
+  bool overflow_up = false, overflow_down = false, finite_overflow = false, nan = false;
+  for (int d = 0; d < head_dim; ++d) {
+    exact_dot += double(q_row[d]) * double(k_row[d]);
+    const float staged_q = scales_logits ? q_row[d] : scale * q_row[d];
+    const double product = double(staged_q) * double(k_row[d]);
+    if (std::isnan(product)) {
+      nan = true;
+    } else if (std::fabs(product) >= 0x1p129) {
+      (product > 0 ? overflow_up : overflow_down) = true;
+      finite_overflow |= std::isfinite(product);
+    } else {
+      rest += std::fabs(product);
+    }
+  }
+  KeyLogit out;
+  out.exact = double(scale) * exact_dot;
+  double fp32 = out.exact, error = 0;
+  if (nan) {
+    fp32 = std::nan("");
+  } else if (overflow_up || overflow_down) {
+    // The partial sum before the first such product stays below 2^127, so adding it
+    // overflows in any order and inf stays. Overflows of both signs: inf - inf is NaN,
+    // but an FMA adds a finite overflowing product to an inf exactly and keeps the inf.
+    if (rest >= 0x1p127 || (overflow_up && overflow_down && finite_overflow)) out.known = false;
+    fp32 = overflow_up && overflow_down ? std::nan("") : overflow_up ? kInf : -kInf;
+  } else if (rest * (1 + sum_rounding) < kFloatMax) {
+    error = sum_rounding * rest * (scales_logits ? double(scale) : 1.0);
+    if (scales_logits) {  // the fp32 dot times the scale
+      const double low = std::fabs(out.exact) - error, high = std::fabs(out.exact) + error;
+      if (low > kFloatMax * (1 + 0x1p-20)) fp32 = out.exact > 0 ? kInf : -kInf;
+      else if (high * (1 + 0x1p-22) >= kFloatMax) out.known = false;
+      error += std::fabs(out.exact) * 0x1p-23;
+    }
+  } else {
+    out.known = false;
+  }
+  if (!std::isfinite(fp32)) error = 0;
+  const double cap = c.options.softcap;
+  if (cap > 0) {
+    const auto capped = [cap](double x) { return cap * std::tanh(x / cap); };
+    out.exact = capped(out.exact);
+    const double low = capped(fp32 - error), high = capped(fp32 + error);
+    fp32 = capped(fp32);
+    error = (std::isfinite(fp32) && std::isfinite(low) ? std::max(high - fp32, fp32 - low) : 0) + 0x1p-20 * cap;
+  }
+  out.exact += alibi_bias;
+  fp32 += alibi_bias;
+  if (std::isfinite(fp32)) error += 0x1p-20 * (std::fabs(alibi_bias) + std::fabs(fp32));
+  out.fp32 = fp32;
+  out.error = error;
+  return out;
+}
+
+bool same_value(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
+
+/// What fp32 can give for one (query, head) row; see the comment above key_logit.
+struct RowModel {
+  std::ptrdiff_t first = 0, last = -1;  // visible keys
+  std::vector<KeyLogit> logits;         // [key - first]
+  bool known = true;
+  bool overflowed = false;          // some fp32 logit is not the reference's: expect alt_out, alt_lse
+  std::vector<double> weight;       // softmax weight of each visible key on the fp32 logits
+  std::vector<char> may_weigh;      // the key may have weight in fp32 (within kZeroWeightGap of the top)
+  bool sink_may_weigh = false;
+  int weighing = 0;                 // keys (and the sink) that may
+  bool imprecise = false;           // two or more may, one of them with a logit error above kImpreciseLogit
+  double top_error = 0;             // the largest logit error among those that may weigh
+  double lse_low = 0, lse_high = 0; // where an imprecise row's lse lies
+  std::vector<float> alt_out;
+  float alt_lse = 0;
+};
+
+RowModel model_row(const Case& c, std::ptrdiff_t query, int head, const std::vector<double>& slopes) {
+  RowModel m;
+  const HeadLayout& layout = c.layout;
+  const int head_dim = layout.head_dim, kv_head = layout.kv_head_of(head);
+  const std::ptrdiff_t position = std::ptrdiff_t(c.kv_len) - c.q_len + query;
+  const auto range = kvheads::detail::visible_keys(position, c.kv_len, c.options.causal, c.options.window);
+  m.first = range.first;
+  m.last = range.last;
+  const float* q_row = c.q.data() + query * layout.q_width() + std::ptrdiff_t(head) * head_dim;
+  const auto v_row = [&](std::ptrdiff_t j) { return c.v.data() + j * layout.kv_width() + std::ptrdiff_t(kv_head) * head_dim; };
+  for (std::ptrdiff_t j = m.first; j <= m.last; ++j) {
+    const double bias = c.options.alibi ? slopes[std::size_t(head)] * double(j - position) : 0.0;
+    const KeyLogit logit = key_logit(c, q_row, c.k.data() + j * layout.kv_width() + std::ptrdiff_t(kv_head) * head_dim, bias);
+    m.known &= logit.known;
+    m.overflowed |= !same_value(logit.exact, logit.fp32);
+    m.logits.push_back(logit);
+  }
+  const bool has_sink = c.options.sinks != nullptr;
+  const double sink = has_sink ? double(c.options.sinks[head]) : 0.0;
+
+  // The reference's arithmetic on the fp32 logits: its result where they differ, and the
+  // weights the exemptions go by.
+  double max = -kInf;
+  for (const KeyLogit& l : m.logits)
+    if (!(l.fp32 <= max)) max = l.fp32;
+  if (has_sink && !(sink <= max)) max = sink;
+  const bool no_weight = max == -kInf;
+  double sum = has_sink ? std::exp(sink - max) : 0.0;
+  for (const KeyLogit& l : m.logits) {
+    m.weight.push_back(no_weight ? 0.0 : std::exp(l.fp32 - max));
+    sum += m.weight.back();
+  }
+  for (double& w : m.weight) w /= sum;
+  const bool none_visible = m.first > m.last || no_weight;
+  m.alt_out.assign(std::size_t(head_dim), 0.f);
+  for (int d = 0; d < head_dim && !none_visible; ++d) {
+    double acc = 0;
+    for (std::ptrdiff_t j = m.first; j <= m.last; ++j)
+      acc += std::exp(m.logits[std::size_t(j - m.first)].fp32 - max) * double(v_row(j)[d]);
+    m.alt_out[std::size_t(d)] = float(acc / sum);
+  }
+  m.alt_lse = none_visible && !has_sink ? -std::numeric_limits<float>::infinity() : float(max + std::log(sum));
+
+  // Keys fp32 surely gives weight 0 (a gap past kZeroWeightGap from a logit surely above).
+  double top_low = has_sink ? sink : -kInf, top_high = top_low;
+  for (const KeyLogit& l : m.logits)
+    if (l.fp32 - l.error > top_low) top_low = l.fp32 - l.error;
+  m.may_weigh.assign(m.logits.size(), 0);
+  if (top_low > -kInf) {
+    for (std::size_t j = 0; j < m.logits.size(); ++j) {
+      const KeyLogit& l = m.logits[j];
+      if (!(l.fp32 + l.error >= top_low - kZeroWeightGap)) continue;
+      m.may_weigh[j] = 1;
+      ++m.weighing;
+      m.top_error = std::max(m.top_error, l.error);
+      top_high = std::max(top_high, l.fp32 + l.error);
+    }
+    m.sink_may_weigh = has_sink && sink >= top_low - kZeroWeightGap;
+    m.weighing += m.sink_may_weigh;
+  }
+  m.imprecise = m.weighing >= 2 && m.top_error > kImpreciseLogit;
+  m.lse_low = top_low;
+  m.lse_high = top_high + std::log(double(m.logits.size()) + 1.0);
+  return m;
+}
+
+/// How often each exemption let a difference through (KVHEADS_FUZZ_STATS=1 prints them).
+struct InfModeStats {
+  long rows = 0, unknown_rows = 0, overflowed_rows = 0, imprecise_rows = 0;
+  long pv_overflow = 0, underflowed_inf = 0, underflowed_finite = 0;
+  ~InfModeStats() {
+    if (std::getenv("KVHEADS_FUZZ_STATS"))
+      std::fprintf(stderr,
+                   "inf mode: %ld rows: %ld unknown (skipped), %ld with overflowed logits, %ld imprecise; "
+                   "elements let through: %ld P.V overflow, %ld NaN behind an underflowed inf, %ld by a lost "
+                   "underflowed contribution\n",
+                   rows, unknown_rows, overflowed_rows, imprecise_rows, pv_overflow, underflowed_inf,
+                   underflowed_finite);
+  }
+};
+InfModeStats inf_stats;
+
+void compare_inf_mode(const Case& c, const std::vector<float>& got, const std::vector<float>& want,
+                      const std::vector<float>& got_lse, const std::vector<float>& want_lse) {
+  const HeadLayout& layout = c.layout;
+  const int head_dim = layout.head_dim;
+  // The tolerance of the other modes, from the values as drawn; a planted value adds its
+  // share in the rows that weigh it.
+  std::vector<char> planted_v(c.v.size(), 0);
+  for (const Plant& p : c.plants)
+    if (p.where == 'v') planted_v[p.index] = 1;
+  double drawn_v_max = 1.0;
+  for (std::size_t i = 0; i < c.v.size(); ++i)
+    if (!planted_v[i]) drawn_v_max = std::max(drawn_v_max, double(std::fabs(c.v[i])));
+  const std::vector<double> slopes = kvheads::detail::alibi_slopes(layout.q_heads);
+  for (std::ptrdiff_t query = 0; query < c.q_len; ++query) {
+    for (int head = 0; head < layout.q_heads; ++head) {
+      const RowModel m = model_row(c, query, head, slopes);
+      ++inf_stats.rows;
+      if (!m.known) {
+        ++inf_stats.unknown_rows;
+        continue;
+      }
+      inf_stats.overflowed_rows += m.overflowed;
+      inf_stats.imprecise_rows += m.imprecise;
+      const std::size_t row = std::size_t(query * layout.q_heads + head);
+      const float* want_row = m.overflowed ? m.alt_out.data() : want.data() + row * std::size_t(head_dim);
+      const float* got_row = got.data() + row * std::size_t(head_dim);
+      const int kv_head = layout.kv_head_of(head);
+      for (int d = 0; d < head_dim; ++d) {
+        const std::size_t index = row * std::size_t(head_dim) + std::size_t(d);
+        double abs_sum = 0, weighted = 0, underflowed = 0, low = m.sink_may_weigh ? 0 : kInf,
+               high = m.sink_may_weigh ? 0 : -kInf;
+        bool underflowed_inf = false;
+        for (std::ptrdiff_t j = m.first; j <= m.last; ++j) {
+          const std::size_t key = std::size_t(j - m.first);
+          const double x = c.v[std::size_t(j) * layout.kv_width() + std::size_t(kv_head * head_dim + d)];
+          const double w = m.weight[key];
+          const bool may_underflow = m.imprecise || !m.may_weigh[key] || w < kUnderflowWeight;
+          if (std::isinf(x)) underflowed_inf |= may_underflow;
+          if (!std::isfinite(x)) continue;
+          abs_sum += std::fabs(x);
+          weighted += w * std::fabs(x);
+          if (may_underflow) underflowed += w * std::fabs(x);
+          if (m.may_weigh[key]) low = std::min(low, x), high = std::max(high, x);
+        }
+        const bool pv_may_overflow = abs_sum >= kFloatMax * (1 - 0x1p-10);
+        const float a = got_row[d], e = want_row[d];
+        if (std::isnan(e)) {
+          if (!std::isnan(a)) fail(c, "out (inf mode: the reference is NaN)", index, a, e);
+          continue;
+        }
+        if (!std::isfinite(a) && !(std::isinf(a) && a == e)) {
+          if (pv_may_overflow) {
+            ++inf_stats.pv_overflow;
+          } else if (std::isnan(a) && underflowed_inf) {
+            ++inf_stats.underflowed_inf;
+          } else {
+            fail(c, "out (inf mode: non-finite where fp32 need not be)", index, a, e);
+          }
+          continue;
+        }
+        if (std::isinf(a)) continue;  // the reference's inf
+        if (!std::isfinite(e)) fail(c, "out (inf mode: finite where the reference is inf)", index, a, e);
+        const double tolerance = 1e-4 * std::max(drawn_v_max, m.imprecise ? std::max(std::fabs(low), std::fabs(high)) : weighted);
+        if (m.imprecise) {
+          if (!(a >= low - tolerance && a <= high + tolerance))
+            fail(c, "out (inf mode: outside the values of the keys that may weigh)", index, a, e);
+          continue;
+        }
+        const double error = std::fabs(double(a) - double(e));
+        if (error <= tolerance) continue;
+        if (error > tolerance + underflowed) fail(c, "out (inf mode)", index, a, e);
+        ++inf_stats.underflowed_finite;
+      }
+      if (!c.with_lse) continue;
+      const float a = got_lse[row], e = m.overflowed ? m.alt_lse : want_lse[row];
+      if (std::isnan(a) || std::isnan(e)) {
+        if (std::isnan(a) != std::isnan(e)) fail(c, "lse (inf mode)", row, a, e);
+      } else if (m.imprecise) {
+        const double tolerance = 1e-4 * std::max({1.0, std::fabs(m.lse_low), std::fabs(m.lse_high)});
+        if (!(a >= m.lse_low - tolerance && a <= m.lse_high + tolerance))
+          fail(c, "lse (inf mode: outside the logits of the keys that may weigh)", row, a, e);
+      } else if (std::isinf(a) || std::isinf(e)) {
+        if (a != e) fail(c, "lse (inf mode)", row, a, e);
+      } else {
+        const double tolerance = 1e-4 * std::max(1.0, std::fabs(double(e))) + m.top_error;
+        if (!(std::fabs(double(a) - double(e)) <= tolerance)) fail(c, "lse (inf mode)", row, a, e);
+      }
+    }
+  }
+}
+
 void run_case(const Case& c) {
   const std::size_t n_out = std::size_t(c.q_len) * c.layout.q_width();
   const std::size_t n_lse = std::size_t(c.q_len) * c.layout.q_heads;
@@ -247,6 +578,7 @@ void run_case(const Case& c) {
   std::vector<float> got(n_out, -9.f), got_lse(n_lse, -9.f);
   const IsaRunner& runner = runners()[std::size_t(c.isa)];
   (c.path == Path::plain ? runner.plain : runner.cached)(c, got.data(), c.with_lse ? got_lse.data() : nullptr);
+  if (c.mode == Mode::inf) return compare_inf_mode(c, got, want, got_lse, want_lse);
 
   // Outputs are convex combinations of values: errors scale with the largest |v|.
   double v_max = 1.0;
