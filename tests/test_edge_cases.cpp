@@ -755,6 +755,36 @@ TEST_CASE("a +inf logit next to a NaN one gives NaN on every ISA, without undefi
   });
 }
 
+TEST_CASE("a NaN logit followed only by logits of -inf makes the row NaN in the reference too", "[edge][inf][nan]") {
+  // q = (+inf, +inf): key 0 = (1, -1) has logit inf - inf = NaN, every later key = (-1, -1)
+  // logit -inf. The reference's running max took the NaN and then the next -inf, so the
+  // row read as having no weight: zeros and lse -inf where the kernels give NaN (found by
+  // fuzz_attend's inf mode). The sink must not replace a NaN max either.
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (int kv_len : {2, 5, 17}) {
+      for (float sink : {1.f, -30.f}) {
+        for (bool with_sink : {false, true}) {
+          Problem p(HeadLayout{1, 1, 2}, 1, kv_len, 229);
+          p.q = {kInf, kInf};
+          for (int j = 0; j < kv_len; ++j) {
+            p.k[std::size_t(2 * j)] = j == 0 ? 1.f : -1.f;
+            p.k[std::size_t(2 * j + 1)] = -1.f;
+          }
+          AttentionOptions options;
+          const float sinks[1] = {sink};
+          if (with_sink) options.sinks = sinks;
+          INFO("kv_len " << kv_len << (with_sink ? " sink " : " no sink") << (with_sink ? sink : 0.f));
+          const Result expected = run_reference(p, options);
+          CHECK(std::isnan(expected.out[0]));
+          CHECK(std::isnan(expected.lse[0]));
+          check_paths<Isa>(p, options);
+        }
+      }
+    }
+  });
+}
+
 TEST_CASE("visible keys of logit -inf with an inf value give NaN wherever the key splits fall, and with sinks",
           "[edge][inf][splits]") {
   // The reference multiplies every visible key's weight by its value once any key (or a

@@ -420,8 +420,8 @@ RowModel model_row(const Case& c, std::ptrdiff_t query, int head, const std::vec
   // weights the exemptions go by.
   double max = -kInf;
   for (const KeyLogit& l : m.logits)
-    if (!(l.fp32 <= max)) max = l.fp32;
-  if (has_sink && !(sink <= max)) max = sink;
+    if (!(l.fp32 <= max) && !std::isnan(max)) max = l.fp32;
+  if (has_sink && !(sink <= max) && !std::isnan(max)) max = sink;
   const bool no_weight = max == -kInf;
   double sum = has_sink ? std::exp(sink - max) : 0.0;
   for (const KeyLogit& l : m.logits) {

@@ -49,12 +49,14 @@ void reference_attend(HeadsView<const float> q, HeadsView<KvT> k, HeadsView<KvT>
         if (options.softcap > 0.f) s = options.softcap * std::tanh(s / options.softcap);
         if (options.alibi) s += slopes[std::size_t(h)] * double(j - position);
         logits[std::size_t(j)] = s;
-        if (!(s <= max)) max = s;  // also takes NaN, so it propagates
+        // Takes a NaN and keeps it: a later key of logit -inf must not replace it, or the
+        // row would read as having no weight (zeros) instead of NaN.
+        if (!(s <= max) && !std::isnan(max)) max = s;
       }
       // A sink logit joins the denominator without a value.
       const bool has_sink = options.sinks != nullptr;
       const double sink = has_sink ? double(options.sinks[h]) : 0.0;
-      if (has_sink && !(sink <= max)) max = sink;
+      if (has_sink && !(sink <= max) && !std::isnan(max)) max = sink;
       // Every visible logit -inf (and no sink): nothing carries weight, as when every key
       // is masked; the contract's answer is zeros (and lse -inf), not exp(-inf + inf).
       const bool no_weight = max == -std::numeric_limits<double>::infinity();
