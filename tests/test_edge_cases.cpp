@@ -759,11 +759,12 @@ TEST_CASE("a NaN logit followed only by logits of -inf makes the row NaN in the 
   // q = (+inf, +inf): key 0 = (1, -1) has logit inf - inf = NaN, every later key = (-1, -1)
   // logit -inf. The reference's running max took the NaN and then the next -inf, so the
   // row read as having no weight: zeros and lse -inf where the kernels give NaN (found by
-  // fuzz_attend's inf mode). The sink must not replace a NaN max either.
+  // fuzz_attend's inf mode). The sink must not replace a NaN max either, and a sink of
+  // -inf made the kernels' row zeros (with lse NaN): max -inf read as "no weight".
   for_each_cpu_isa([&](auto isa) {
     using Isa = decltype(isa);
     for (int kv_len : {2, 5, 17}) {
-      for (float sink : {1.f, -30.f}) {
+      for (float sink : {1.f, -30.f, -kInf}) {
         for (bool with_sink : {false, true}) {
           Problem p(HeadLayout{1, 1, 2}, 1, kv_len, 229);
           p.q = {kInf, kInf};

@@ -94,8 +94,9 @@ inline SoftmaxMass add_sink(float* row, SoftmaxMass mass, float sink, int head_d
   const float sink_weight = std::exp(sink - max);
   const float keep = row_weight / (row_weight + sink_weight);
   // A row whose weight underflowed next to the sink still multiplies, so a NaN in it
-  // stays (as in the reference).
-  const bool no_weight = max == -std::numeric_limits<float>::infinity();
+  // stays (as in the reference). Max -inf with a NaN sum is a NaN logit (the vector max
+  // drops NaN), not a row without weight: it stays NaN too.
+  const bool no_weight = max == -std::numeric_limits<float>::infinity() && !std::isnan(mass.sum);
   for (int d = 0; d < head_dim; ++d) row[d] = no_weight ? 0.f : row[d] * keep;
   return {max, row_weight + sink_weight};
 }
