@@ -292,8 +292,9 @@ void compare(const Case& c, const char* what, const std::vector<float>& got, con
 //     non-finite where the reference is not.
 //  2. A key weight below 2^-126 is subnormal or 0 in fp32 (exp of a gap past ~87; 0 on
 //     every ISA past 110), so a visible +-inf value behind it gives 0 * inf = NaN where the
-//     reference's tiny weight gives +-inf, and a huge finite value's contribution (up to
-//     2^-126 * FLT_MAX = 4) is lost: that contribution widens the tolerance.
+//     reference's tiny weight gives +-inf, and a huge finite value's contribution is lost.
+//     Weights under kUnderflowWeight (2^-120, room for logit error) count as such: their
+//     contribution (under 2^-120 * FLT_MAX = 256 each) widens the tolerance.
 //  3. Logits are fp32 (|scale * q.k| < FLT_MAX): a logit, or a q.k partial sum, past it
 //     overflows to +-inf (NaN when both signs do). The expected row is then the reference's
 //     arithmetic on the logits fp32 gets (a +inf logit makes the row NaN, a -inf one weight
