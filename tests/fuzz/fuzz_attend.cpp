@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <utility>
@@ -146,6 +147,20 @@ const std::vector<IsaRunner>& runners() {
 
 float bf16_round(float x) { return kvheads::bf16::from_float(x).to_float(); }
 
+/// KVHEADS_FUZZ_MODE=normal|large|nan|inf fuzzes that data mode alone (a failing input
+/// then reproduces with the same setting).
+std::optional<Mode> only_mode() {
+  static const std::optional<Mode> mode = []() -> std::optional<Mode> {
+    const char* name = std::getenv("KVHEADS_FUZZ_MODE");
+    if (!name || !*name) return std::nullopt;
+    for (Mode m : {Mode::normal, Mode::large, Mode::nan, Mode::inf})
+      if (std::string(name) == mode_name(m)) return m;
+    std::fprintf(stderr, "KVHEADS_FUZZ_MODE=%s: not one of normal, large, nan, inf\n", name);
+    std::exit(2);
+  }();
+  return mode;
+}
+
 Case decode(Reader& in) {
   Case c;
   const int q_heads = 1 + in.byte() % 16;
@@ -172,6 +187,7 @@ Case decode(Reader& in) {
   const std::uint8_t mode = in.byte();
   // The inf mode takes half of the planting slot, so the older seeds decode as before.
   c.mode = mode % 3 == 1 ? Mode::normal : mode % 3 == 2 ? Mode::large : (mode / 3) % 2 ? Mode::inf : Mode::nan;
+  if (const std::optional<Mode> only = only_mode()) c.mode = *only;
   const std::uint8_t path = in.byte();
   c.path = Path(path % 4);
   c.chunk = 1 + (path >> 2) % 64;
@@ -466,15 +482,15 @@ RowModel model_row(const Case& c, std::ptrdiff_t query, int head, const std::vec
 /// How often each exemption let a difference through (KVHEADS_FUZZ_STATS=1 prints them).
 struct InfModeStats {
   long rows = 0, unknown_rows = 0, overflowed_rows = 0, imprecise_rows = 0;
-  long pv_overflow = 0, underflowed_inf = 0, underflowed_finite = 0;
+  long pv_overflow = 0, underflowed_inf = 0, underflowed_finite = 0, known_bug = 0;
   ~InfModeStats() {
     if (std::getenv("KVHEADS_FUZZ_STATS"))
       std::fprintf(stderr,
                    "inf mode: %ld rows: %ld unknown (skipped), %ld with overflowed logits, %ld imprecise; "
                    "elements let through: %ld P.V overflow, %ld NaN behind an underflowed inf, %ld by a lost "
-                   "underflowed contribution\n",
+                   "underflowed contribution, %ld by the known +inf-sink bug\n",
                    rows, unknown_rows, overflowed_rows, imprecise_rows, pv_overflow, underflowed_inf,
-                   underflowed_finite);
+                   underflowed_finite, known_bug);
   }
 };
 InfModeStats inf_stats;
@@ -506,6 +522,10 @@ void compare_inf_mode(const Case& c, const std::vector<float>& got, const std::v
       const float* want_row = m.overflowed ? m.alt_out.data() : want.data() + row * std::size_t(head_dim);
       const float* got_row = got.data() + row * std::size_t(head_dim);
       const int kv_head = layout.kv_head_of(head);
+      // A known kernel bug, let through so fuzzing goes on past it: a row that sees no key
+      // must be zeros (README), but next to a sink of +inf the kernel makes it NaN.
+      const bool row_without_key_next_to_inf_sink =
+          m.first > m.last && c.options.sinks && c.options.sinks[head] == std::numeric_limits<float>::infinity();
       for (int d = 0; d < head_dim; ++d) {
         const std::size_t index = row * std::size_t(head_dim) + std::size_t(d);
         double abs_sum = 0, weighted = 0, underflowed = 0, low = m.sink_may_weigh ? 0 : kInf,
@@ -525,22 +545,27 @@ void compare_inf_mode(const Case& c, const std::vector<float>& got, const std::v
         }
         const bool pv_may_overflow = abs_sum >= kFloatMax * (1 - 0x1p-10);
         const float a = got_row[d], e = want_row[d];
+        if (row_without_key_next_to_inf_sink && std::isnan(a) && e == 0.f) {
+          ++inf_stats.known_bug;  // not an fp32 limit: repro/sink_plus_inf_row_without_keys.cpp
+          continue;
+        }
         if (std::isnan(e)) {
           if (!std::isnan(a)) fail(c, "out (inf mode: the reference is NaN)", index, a, e);
           continue;
         }
-        if (!std::isfinite(a) && !(std::isinf(a) && a == e)) {
-          if (pv_may_overflow) {
-            ++inf_stats.pv_overflow;
-          } else if (std::isnan(a) && underflowed_inf) {
-            ++inf_stats.underflowed_inf;
-          } else {
-            fail(c, "out (inf mode: non-finite where fp32 need not be)", index, a, e);
-          }
+        if (std::isinf(e) && a != e) {  // an inf value with weight: +-inf, or NaN where fp32 loses the weight
+          if (!std::isnan(a)) fail(c, "out (inf mode: not the reference's inf)", index, a, e);
+          if (underflowed_inf) ++inf_stats.underflowed_inf;
+          else if (pv_may_overflow) ++inf_stats.pv_overflow;
+          else fail(c, "out (inf mode: NaN where no weight of an inf value can underflow)", index, a, e);
           continue;
         }
-        if (std::isinf(a)) continue;  // the reference's inf
-        if (!std::isfinite(e)) fail(c, "out (inf mode: finite where the reference is inf)", index, a, e);
+        if (std::isinf(e)) continue;
+        if (!std::isfinite(a)) {
+          if (!pv_may_overflow) fail(c, "out (inf mode: non-finite where fp32 need not be)", index, a, e);
+          ++inf_stats.pv_overflow;
+          continue;
+        }
         const double tolerance = 1e-4 * std::max(drawn_v_max, m.imprecise ? std::max(std::fabs(low), std::fabs(high)) : weighted);
         if (m.imprecise) {
           if (!(a >= low - tolerance && a <= high + tolerance))
