@@ -396,7 +396,7 @@ KeyLogit key_logit(const Case& c, const float* q_row, const float* k_row, double
 
 bool same_value(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
 
-/// What fp32 can give for one (query, head) row; see the comment above key_logit.
+/// What fp32 can give for one (query, head) row, by the rules atop the inf mode.
 struct RowModel {
   std::ptrdiff_t first = 0, last = -1;  // visible keys
   std::vector<KeyLogit> logits;         // [key - first]
