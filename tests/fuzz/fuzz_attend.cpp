@@ -340,34 +340,34 @@ KeyLogit key_logit(const Case& c, const float* q_row, const float* k_row, double
   const float scale = c.options.effective_scale(head_dim);
   const bool scales_logits = scale > 1.f;  // FusedTask::scales_logits: else q is staged times scale
   const double sum_rounding = (head_dim + 2) * 0x1p-23;
-  double exact_dot = 0, rest = 0;
-  bool overflow_up = false, overflow_down = false, finite_overflow = false, nan = false;
+  double exact_dot = 0, finite_sum = 0, largest = 0;  // finite_sum: of the finite |products|
+  bool inf_up = false, inf_down = false, nan = false, largest_up = false;
   for (int d = 0; d < head_dim; ++d) {
     exact_dot += double(q_row[d]) * double(k_row[d]);
     const float staged_q = scales_logits ? q_row[d] : scale * q_row[d];
-    const double product = double(staged_q) * double(k_row[d]);
+    const double product = double(staged_q) * double(k_row[d]);  // exact: 24 x 24 bits
     if (std::isnan(product)) {
       nan = true;
-    } else if (std::fabs(product) >= 0x1p129) {
-      (product > 0 ? overflow_up : overflow_down) = true;
-      finite_overflow |= std::isfinite(product);
+    } else if (std::isinf(product)) {
+      (product > 0 ? inf_up : inf_down) = true;
     } else {
-      rest += std::fabs(product);
+      finite_sum += std::fabs(product);
+      if (std::fabs(product) > largest) largest = std::fabs(product), largest_up = product > 0;
     }
   }
   KeyLogit out;
   out.exact = double(scale) * exact_dot;
   double fp32 = out.exact, error = 0;
-  if (nan) {
-    fp32 = std::nan("");
-  } else if (overflow_up || overflow_down) {
-    // The partial sum before the first such product stays below 2^127, so adding it
-    // overflows in any order and inf stays. Overflows of both signs: inf - inf is NaN,
-    // but an FMA adds a finite overflowing product to an inf exactly and keeps the inf.
-    if (rest >= 0x1p127 || (overflow_up && overflow_down && finite_overflow)) out.known = false;
-    fp32 = overflow_up && overflow_down ? std::nan("") : overflow_up ? kInf : -kInf;
-  } else if (rest * (1 + sum_rounding) < kFloatMax) {
-    error = sum_rounding * rest * (scales_logits ? double(scale) : 1.0);
+  const auto stays_finite = [&](double sum) { return sum * (1 + sum_rounding) < kFloatMax; };
+  if (nan || (inf_up && inf_down)) {
+    fp32 = std::nan("");  // in any order
+  } else if (inf_up || inf_down) {
+    // The inf of an inf input stays, unless the finite products overflowed the other way
+    // before it was added (mul then add: NaN; an FMA onto the inf keeps the inf).
+    fp32 = inf_up ? kInf : -kInf;
+    out.known = stays_finite(finite_sum);
+  } else if (stays_finite(finite_sum)) {
+    error = sum_rounding * finite_sum * (scales_logits ? double(scale) : 1.0);
     if (scales_logits) {  // the fp32 dot times the scale
       const double low = std::fabs(out.exact) - error, high = std::fabs(out.exact) + error;
       if (low > kFloatMax * (1 + 0x1p-20)) fp32 = out.exact > 0 ? kInf : -kInf;
@@ -375,7 +375,12 @@ KeyLogit key_logit(const Case& c, const float* q_row, const float* k_row, double
       error += std::fabs(out.exact) * 0x1p-23;
     }
   } else {
-    out.known = false;
+    // One product past fp32's range by more than all the others can take back overflows
+    // whenever it is added (an FMA too), the others' partial sums never do, and the inf
+    // stays; anything else depends on the order.
+    const double others = finite_sum - largest;
+    out.known = stays_finite(others) && largest - others * (1 + sum_rounding) >= 0x1p128;
+    fp32 = largest_up ? kInf : -kInf;
   }
   if (!std::isfinite(fp32)) error = 0;
   const double cap = c.options.softcap;
