@@ -115,9 +115,12 @@ TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows 
   // (Tiling::dims_key_pairs) one key to do alone. One row (MHA), two, three and four rows
   // (GQA), five and seven (groups 5 and 7: one Q.K tile of one accumulator chain per row
   // with 16-float vectors, keys two at a time, many-row tiles below them), and q_len 2 for
-  // rows of two positions (up to eight rows in one few-row tile).
+  // rows of two positions (up to eight rows in one few-row tile). With 16-float vectors,
+  // head_dim 112 and 128 (7 and 8 vectors) take the one-pass P.V of 4-row tiles whose
+  // last 1-2 vectors per row accumulate in L1 (Tiling::pv_memory_chunks_wide); with q_len
+  // 2 its second tile's pass walks the keys backwards.
   for (int threads : {1, 2})
-    for (int head_dim : {72, 128, 131})
+    for (int head_dim : {72, 112, 128, 131})
       for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{6, 2, head_dim},
                                        HeadLayout{8, 2, head_dim}, HeadLayout{10, 2, head_dim}, HeadLayout{7, 1, head_dim}})
         for (int q_len : {1, 2}) {

@@ -335,6 +335,18 @@ struct Tiling {
   /// from DRAM. Two passes of 4 rows x half a row were slower from DRAM (see bench/PERFORMANCE_LOG.md).
   static constexpr int pv_rows_wide = 4;
   static constexpr int pv_chunks_wide = 6;
+  /// Rows up to pv_chunks_wide + pv_memory_chunks_wide vectors long (head_dim 128 on
+  /// AVX-512: 6 + 2) take one pass per tile of rows, not two: the last chunks of each row
+  /// accumulate in L1 (load, fma, store per key and row; four rows' independent chains,
+  /// hidden behind the 24 register FMAs of a key). The first tile's pass then does all of
+  /// its rows' FMAs while V streams from DRAM, where the second pass of a quarter row
+  /// read V from L2 with DRAM idle. GQA-8 decode (q_heads 32, head_dim 128, 16384 keys x
+  /// 2 layers, KvCache), Zen 4, both builds in one process taking turns, 15 rounds, run
+  /// in both slot orders to cancel the harness's slot bias (1.05-1.07 between identical
+  /// builds): 0.94x time on 1 thread and 0.94x on 2; groups of 8 (two passes instead of
+  /// four) and in cache (2048 keys) 0.96-0.97x by one order. Unmeasured on Zen 5, whose two
+  /// FMA pipes leave less time per key to hide the L1 chains behind.
+  static constexpr int pv_memory_chunks_wide = 2;
   /// Keys per tile when several rows share those whole-row passes (GQA-8 decode of 16384
   /// keys on Zen 3, 1 thread, scratch driver, six alternating pairs: 1-12% faster than
   /// one pass per row over the whole block, 12.2-15.7 against 12.8-17.9 ms).
@@ -605,8 +617,9 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
 /// mark_masked_keys); skipping it keeps a NaN or inf in a value the row cannot see out of
 /// that row (0 * NaN is NaN), while a visible key whose weight underflowed to 0 still
 /// counts (its 0 * NaN is NaN, as in the reference).
-/// memory_chunks: chunks after those, accumulated straight in `out` within the same pass
-/// (Rows must be 1), so the pass reads each V row whole (see Tiling::pv_whole_rows_few).
+/// memory_chunks: chunks after those, accumulated straight in `out` within the same pass,
+/// so the pass reads each V row whole (see Tiling::pv_whole_rows_few and
+/// pv_memory_chunks_wide); Rows must be 1, or above 2 without SkipMasked.
 /// Strides may be negative: a pass may walk the keys backwards (see pv_block).
 template <class Isa, int Rows, int Chunks, bool SkipMasked>
 inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
@@ -630,6 +643,14 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
         V value = Isa::load(v_first + j * v_stride + c * Isa::width);
         Isa::hold(value);
         for (int r = 0; r < Rows; ++r) acc[r][c] = Isa::fma(weight[r], value, acc[r][c]);
+      }
+      for (int c = Chunks; c < Chunks + memory_chunks; ++c) {
+        V value = Isa::load(v_first + j * v_stride + c * Isa::width);
+        Isa::hold(value);
+        for (int r = 0; r < Rows; ++r) {
+          float* const o = out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width;
+          Isa::store(o, Isa::fma(weight[r], value, Isa::load(o)));
+        }
       }
       continue;
     }
@@ -689,6 +710,24 @@ inline void pv_block_wide(int rows, const float* p, LogitStrides strides, const 
   constexpr int tile_rows = Tiling<Isa>::pv_rows_wide, max_chunks = Tiling<Isa>::pv_chunks_wide;
   const int chunks = dim_padded / Isa::width;
   int pass = 0;
+  if (!SkipMasked && chunks > max_chunks && chunks <= max_chunks + Tiling<Isa>::pv_memory_chunks_wide) {
+    // One pass per tile of rows over whole V rows, the chunks past the registers in L1.
+    for (int r = 0; r < rows; r += tile_rows, ++pass) {
+      const float* const tile_p = p + std::ptrdiff_t(r) * strides.row;
+      float* const tile_acc = acc + std::ptrdiff_t(r) * dim_padded;
+      if (pass % 2 == 1 && keys > 1) {
+        const std::ptrdiff_t last = keys - 1;
+        pv_tile<Isa, tile_rows, max_chunks, SkipMasked>(tile_p + last * strides.key, LogitStrides{-strides.key, strides.row},
+                                                        v + last * v_stride, -v_stride, keys, 0, tile_acc, dim_padded,
+                                                        PrefetchRows{}, PageAhead{}, chunks - max_chunks);
+      } else {
+        pv_tile<Isa, tile_rows, max_chunks, SkipMasked>(tile_p, strides, v, v_stride, keys, 0, tile_acc, dim_padded,
+                                                        pass == 0 ? ahead : PrefetchRows{}, pass == 0 ? pages : PageAhead{},
+                                                        chunks - max_chunks);
+      }
+    }
+    return;
+  }
   for (int r = 0; r < rows; r += tile_rows)
     for (int c = 0; c < chunks; c += max_chunks, ++pass)
       with_tile_size<max_chunks>(chunks - c, [&](auto tile_chunks) {
