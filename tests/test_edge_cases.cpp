@@ -786,6 +786,49 @@ TEST_CASE("a NaN logit followed only by logits of -inf makes the row NaN in the 
   });
 }
 
+TEST_CASE("a row that sees no key is zeros next to any sink, +inf included", "[edge][inf][sinks]") {
+  // Causal with more queries than keys: the first rows see nothing. The contract's output
+  // for such a row is zeros whatever joins the denominator; a sink of +inf used to make it
+  // NaN (its weight exp(inf - inf) scaled the empty row), where the reference gives zeros
+  // (found by fuzz_attend's inf mode). Rows that do see keys next to a +inf sink are NaN in
+  // both (the sink's weight is NaN), as the reference defines.
+  for_each_cpu_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for (const HeadLayout& layout : {HeadLayout{4, 4, 5}, HeadLayout{8, 2, 33}, HeadLayout{4, 1, 64}}) {
+      for (int kv_len : {0, 1, 2, 17}) {
+        for (int extra_queries : {1, 3, 20}) {
+          for (float sink : {kInf, 0.f, -kInf}) {
+            Problem p(layout, kv_len + extra_queries, kv_len, 233);
+            AttentionOptions options;
+            options.causal = true;
+            // Every other head's sink is the one under test, so heads differ within a group.
+            std::vector<float> sinks(std::size_t(layout.q_heads), 0.5f);
+            for (int h = 0; h < layout.q_heads; h += 2) sinks[std::size_t(h)] = sink;
+            options.sinks = sinks.data();
+            INFO("sink " << sink << " extra queries " << extra_queries);
+            const Result expected = run_reference(p, options);
+            for (int i = 0; i < extra_queries; ++i)  // rows 0..extra-1 see no key
+              for (int j = 0; j < layout.q_width(); ++j)
+                REQUIRE(expected.out[std::size_t(i) * std::size_t(layout.q_width()) + std::size_t(j)] == 0.f);
+            for (int threads : {1, 2}) {
+              options.threads = threads;
+              INFO(describe(p.layout, p.q_len, p.kv_len, options) << " isa " << Isa::name);
+              const Result plain = run_plain<Isa>(p, options);
+              for (int i = 0; i < extra_queries; ++i)
+                for (int j = 0; j < layout.q_width(); ++j) {
+                  INFO("query row " << i << " element " << j);
+                  REQUIRE(plain.out[std::size_t(i) * std::size_t(layout.q_width()) + std::size_t(j)] == 0.f);
+                }
+              CHECK(relative_error(plain.out, expected.out) <= tolerance);
+              CHECK(relative_error(plain.lse, expected.lse, 1.0) <= tolerance);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 TEST_CASE("visible keys of logit -inf with an inf value give NaN wherever the key splits fall, and with sinks",
           "[edge][inf][splits]") {
   // The reference multiplies every visible key's weight by its value once any key (or a

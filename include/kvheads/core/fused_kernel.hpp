@@ -79,6 +79,12 @@ struct AttendArgs {
 
   /// One past the newest key's position.
   std::ptrdiff_t key_end() const { return first_key_position + kv_len; }
+
+  /// Whether query row `query` sees at least one key under the masks.
+  bool sees_a_key(std::ptrdiff_t query) const {
+    const KeyRange range = visible_keys(first_query_pos + query, key_end(), causal, window);
+    return std::max(range.first, first_key_position) <= range.last;
+  }
 };
 
 /// Adds a sink logit to a normalised row: the sink joins the softmax denominator
@@ -86,8 +92,10 @@ struct AttendArgs {
 /// Returns the row's mass with the sink in.
 /// `row` holds 0 * (its accumulators) when its keys had no weight (sum 0), so a visible
 /// key of logit -inf with an inf or NaN value makes it NaN next to a finite sink, as in
-/// the reference; a row with no weight anywhere (sink -inf too) is zeros.
-inline SoftmaxMass add_sink(float* row, SoftmaxMass mass, float sink, int head_dim) {
+/// the reference; a row with no weight anywhere (sink -inf too) is zeros, and so is a row
+/// that sees no key (`sees_a_key` false) whatever the sink, even +inf, whose own weight
+/// exp(inf - inf) is NaN: with no value to weigh, the contract's output is zeros.
+inline SoftmaxMass add_sink(float* row, SoftmaxMass mass, float sink, int head_dim, bool sees_a_key) {
   const bool saw_keys = mass.sum != 0.f;
   const float max = saw_keys ? std::fmax(mass.max, sink) : sink;
   const float row_weight = saw_keys ? mass.sum * std::exp(mass.max - max) : 0.f;
@@ -96,7 +104,8 @@ inline SoftmaxMass add_sink(float* row, SoftmaxMass mass, float sink, int head_d
   // A row whose weight underflowed next to the sink still multiplies, so a NaN in it
   // stays (as in the reference). Max -inf with a NaN sum is a NaN logit (the vector max
   // drops NaN), not a row without weight: it stays NaN too.
-  const bool no_weight = max == -std::numeric_limits<float>::infinity() && !std::isnan(mass.sum);
+  const bool no_weight =
+      !sees_a_key || (max == -std::numeric_limits<float>::infinity() && !std::isnan(mass.sum));
   for (int d = 0; d < head_dim; ++d) row[d] = no_weight ? 0.f : row[d] * keep;
   return {max, row_weight + sink_weight};
 }
@@ -1268,7 +1277,8 @@ class FusedTask {
         mass.store(mass_rows + 2 * r);
         continue;
       }
-      if (args_.sinks) mass = add_sink(dst, mass, args_.sinks[q_head], head_dim);
+      if (args_.sinks)
+        mass = add_sink(dst, mass, args_.sinks[q_head], head_dim, args_.sees_a_key(first_query + query));
       if (args_.lse) args_.lse[(first_query + query) * args_.layout.q_heads + q_head] = mass.log_sum_exp();
     }
   }
@@ -1770,7 +1780,7 @@ void run_fused_batch(const AttendArgs<KvT>* items, std::ptrdiff_t item_count) {
                                  head_dim, /*empty_parts_add=*/true);
           }
           if (item.sinks)
-            mass = add_sink(dst, mass, item.sinks[q_head], head_dim);
+            mass = add_sink(dst, mass, item.sinks[q_head], head_dim, item.sees_a_key(query));
           else if (mass.sum == 0.f)  // no key had weight in any split: zeros, as in the reference
             std::fill_n(dst, head_dim, 0.f);
           if (item.lse) item.lse[query * layout.q_heads + q_head] = mass.log_sum_exp();
