@@ -81,10 +81,11 @@ TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile 
   }
   // head_dim below, at and above the vector widths (1, 4, 8, 16); query rows
   // (group_size x q_len) below, at and above the row tiles; key counts around the 64-key
-  // (staged) and 128-key (many rows) blocks and the few-row (decode) block: 256 keys, 1024
-  // with 16-float vectors.
+  // (staged) and many-row blocks (120 keys with 16 registers, 128 with 32; Q.K tiles of 6
+  // or 8 keys, tails of 4 and 1) and the few-row (decode) block: 256 keys, 1024 with
+  // 16-float vectors.
   const std::vector<std::pair<int, int>> lengths = {{1, 1},    {1, 2},    {2, 17},   {5, 63},    {17, 64},
-                                                    {1, 65},   {65, 129}, {1, 256},  {2, 257},   {3, 1000},
+                                                    {1, 65},   {65, 129}, {9, 121},  {1, 256},  {2, 257},   {3, 1000},
                                                     {1, 1024}, {2, 1025}};
   for (int threads : {1, 2})
     for (int head_dim : {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 80})

@@ -233,12 +233,20 @@ struct Tiling {
   /// same core was 3-24% slower with 1024 (its passes request the next block ahead, so a
   /// block's rows take twice the L2), so narrower vectors keep 256; NEON is unmeasured
   /// and keeps it too.
+  /// Many-row blocks hold whole Q.K tiles: 128 keys with 8-key tiles, 120 with 6-key ones.
   static constexpr int key_block = 64;
-  static constexpr int key_block_many = 128;
+  static constexpr int key_block_many = many_registers ? 128 : 120;
   static constexpr int key_block_few = width >= 16 ? 1024 : 256;
   /// Q.K by rows: up to qk_row_vecs row vectors x qk_keys keys (2 x 8: 16 accumulators).
+  /// With 16 registers, 2 x 6: 12 accumulators, the two query vectors and the broadcast
+  /// key fill 15. Two FMA pipes of 5 cycles' latency (Zen 2) need 10 independent chains
+  /// to stay busy, so the 8 of a 2 x 4 tile left a fifth of the peak unused. Zen 2, one
+  /// core, 32 rows x 120 keys x head_dim 128 in L1, medians of 9 alternating rounds
+  /// (scratch driver): 2 x 4 68.1, 2 x 6 83.9, 2 x 5 82.2, 3 x 4 (+ 1 x 4) 65.2 GFLOP/s,
+  /// against an FMA peak of 87-92. Tails of a block take qk_keys_tail keys, then one.
   static constexpr int qk_row_vecs = 2;
-  static constexpr int qk_keys = many_registers ? 8 : 4;
+  static constexpr int qk_keys = many_registers ? 8 : 6;
+  static constexpr int qk_keys_tail = 4;
   /// Q.K by dims (few rows): up to dims_rows rows, one key at a time. The tile then reads
   /// each K row whole and in order, which the hardware prefetchers follow best. Keys read
   /// side by side (every line of each row in turn, 512 bytes apart) streamed K from DRAM
@@ -312,15 +320,20 @@ struct Tiling {
   /// pv_dims dimensions (2 x 8: 16 accumulators). Measured on AVX-512 with 32 rows and
   /// 64 keys in L1: 207 GFLOP/s against 202 for 4 rows x 4 vectors of head_dim, and with
   /// 128 keys (V past L1) 212 against 155.
+  /// With 16 registers 2 x 6, for the reason given at qk_keys: Zen 2, 32 rows x 120 keys
+  /// x head_dim 128 in L1, medians of 9 alternating rounds: 2 x 4 66.5, 2 x 6 81.5 (the
+  /// last 2 dimensions in a 2 x 2 tile), 2 x 5 78.4, 3 x 4 + 1 x 8 77.1 GFLOP/s.
   static constexpr int pv_row_vecs = 2;
-  static constexpr int pv_dims = many_registers ? 8 : 4;
+  static constexpr int pv_dims = many_registers ? 8 : 6;
   /// Tasks of one row vector (9-16 rows with 16-float vectors: GQA groups 9-16 in decode)
   /// take as many dimensions as that tile has accumulators: each V element broadcast
   /// then feeds one FMA, and 16 chains hide the FMA latency where 8 were just enough.
   /// Zen 5, scratch driver, group 16 (2 KV heads, head_dim 128), 1 thread, medians of 3
   /// alternating rounds: 65536 keys 7.31-7.50 -> 6.74-6.81 ms, in cache (4096 keys)
   /// 438 -> 419 us. 16 keys per Q.K tile on the same rows was slower (7.69 ms).
-  static constexpr int pv_dims_one_vec = many_registers ? 16 : pv_dims;
+  /// With 16 registers, 12 (14 registers in all): Zen 2, 8 rows x 120 keys x head_dim 128
+  /// in L1, medians of 9 rounds: 1 x 4 35.8, 1 x 8 60.7, 1 x 12 70.5 GFLOP/s.
+  static constexpr int pv_dims_one_vec = many_registers ? 16 : 12;
   /// P.V for few rows (decode): pv_rows_few rows x whole V rows of up to pv_chunks_few
   /// vectors, so each pass streams V sequentially, which the hardware prefetcher follows
   /// better than every other half row. pv_whole_rows_few: a row longer than the register
@@ -375,7 +388,8 @@ struct Tiling {
   static constexpr int pv_chunks_rest(int rows) { return rows >= 3 ? 3 : rows == 2 ? 4 : pv_chunks_few; }
   /// Pages ahead of a few-row pass that PageAhead requests (see there).
   static constexpr int pages_ahead_few = 4;
-  static_assert(key_block % qk_keys == 0 && key_block_many % qk_keys == 0, "whole tiles per full key block");
+  static_assert(key_block_many % qk_keys == 0, "whole tiles per full many-row block");
+  static_assert(qk_keys_tail < qk_keys, "a tail tile is smaller than a whole one");
   static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
                 "whole vectors of logits per block");
 };
@@ -1124,6 +1138,17 @@ class FusedTask {
         const int end = std::min(keys, int(row_last[last_row]) + 1);
         return KeySpan{std::min(int(row_first[first_row]), end), end};
       };
+      // Within those, the keys every row of the tile sees: its last row's first key to its
+      // first row's last. P.V takes them without the per-lane mask test (SkipMasked), which
+      // on AVX2 costs a compare and a blend per FMA: Zen 2, 32 rows x 120 keys in L1, 30
+      // GFLOP/s against 82 without. In a causal block that test is left for the few keys
+      // past the tile's first position. Results are bit-identical: no lane the mask skips
+      // lies in that span.
+      const auto keys_every_row_sees = [&](int rv, int vecs, KeySpan seen) {
+        const int first_row = rv * width, last_row = std::min(rows, (rv + vecs) * width) - 1;
+        const int first = std::clamp(int(row_first[last_row]), seen.first, seen.end);
+        return KeySpan{first, std::clamp(int(row_last[first_row]) + 1, first, seen.end)};
+      };
 
       // Logits of the block.
       if (by_dims) {  // row-major logits: row r at logits + r * key_block
@@ -1148,8 +1173,13 @@ class FusedTask {
               if (keys_now == tile_keys) {
                 qk_by_rows<Isa, vecs_now.value, tile_keys>(qt, rows_padded, k_rows + j * row_stride, row_stride,
                                                            head_dim, out);
-              } else {  // the last block's tail, key by key
-                for (int key = 0; key < keys_now; ++key)
+              } else {  // a block's tail: tiles of qk_keys_tail keys, then key by key
+                constexpr int tail_keys = Tiling<Isa>::qk_keys_tail;
+                int key = 0;
+                for (; key + tail_keys <= keys_now; key += tail_keys)
+                  qk_by_rows<Isa, vecs_now.value, tail_keys>(qt, rows_padded, k_rows + (j + key) * row_stride,
+                                                             row_stride, head_dim, out + std::ptrdiff_t(key) * rows_padded);
+                for (; key < keys_now; ++key)
                   qk_by_rows<Isa, vecs_now.value, 1>(qt, rows_padded, k_rows + (j + key) * row_stride, row_stride,
                                                      head_dim, out + std::ptrdiff_t(key) * rows_padded);
               }
@@ -1225,11 +1255,20 @@ class FusedTask {
                   const int spread_now = rv == 0 ? spread_count : 0;
                   if (block_needs_mask) {
                     const KeySpan seen = keys_for_tile(rv, vecs_now.value);
-                    pv_by_rows<Isa, vecs_now.value, dims_now.value, true>(
-                        p + std::ptrdiff_t(seen.first) * rows_padded, rows_padded,
-                        v_rows + d + std::ptrdiff_t(seen.first) * row_stride, row_stride, seen.end - seen.first, out,
-                        prefetch_rows ? prefetch_rows + std::ptrdiff_t(seen.first) * row_stride : nullptr, during_pv,
-                        spread_first, spread_now);
+                    const KeySpan every = keys_every_row_sees(rv, vecs_now.value, seen);
+                    // The longest part issues the pass's requests.
+                    const bool requests_in_every = every.end - every.first > 0;
+                    const auto part = [&](auto skip_masked, KeySpan span, bool requests) {
+                      if (span.end <= span.first) return;
+                      pv_by_rows<Isa, vecs_now.value, dims_now.value, decltype(skip_masked)::value>(
+                          p + std::ptrdiff_t(span.first) * rows_padded, rows_padded,
+                          v_rows + d + std::ptrdiff_t(span.first) * row_stride, row_stride, span.end - span.first, out,
+                          requests && prefetch_rows ? prefetch_rows + std::ptrdiff_t(span.first) * row_stride : nullptr,
+                          during_pv, spread_first, requests ? spread_now : 0);
+                    };
+                    part(std::true_type{}, KeySpan{seen.first, every.first}, !requests_in_every);
+                    part(std::false_type{}, every, requests_in_every);
+                    part(std::true_type{}, KeySpan{every.end, seen.end}, false);
                   } else {
                     pv_by_rows<Isa, vecs_now.value, dims_now.value, false>(p, rows_padded, v_rows + d, row_stride, keys,
                                                                            out, prefetch_rows, during_pv, spread_first,
