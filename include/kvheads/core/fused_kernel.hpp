@@ -375,7 +375,7 @@ struct Tiling {
   static constexpr int pv_key_tile_few = 32;
   /// When several rows share a key tile, only the first reads it in a whole-row pass (from
   /// memory, in order). The others read it from L1 in register tiles of up to
-  /// pv_rows_rest rows x pv_chunks_rest(rows) vectors (13 registers at most), so none of
+  /// pv_rows_rest rows x pv_chunks_rest(rows) vectors (16 registers at most), so none of
   /// their accumulators goes through L1 once per key: a chunk accumulated in L1 is a
   /// store-to-load-to-FMA chain per key, which bounds such a pass by its latency, not its
   /// FMAs. AVX2 build on Zen 5, GQA-8 decode (4 rows), 1 thread, scratch driver with
@@ -384,8 +384,12 @@ struct Tiling {
   /// from DRAM (0.84-0.91x); GQA-16 (2 rows) 0.92x in cache, 0.99x from DRAM. Register
   /// tiles for every row, the first included, were faster in cache (0.78x) but 1.30x from
   /// DRAM: the first pass then reads a few lines of each row, not whole rows.
+  /// Three rows take 4 vectors: 12 accumulators, as the many-row tiles (see qk_keys), where
+  /// 3 x 3 left 9 chains and a 3 x 1 tile for the sixteenth vector at head_dim 128. Zen 2,
+  /// 4 rows x 256 keys x head_dim 128 in L2, scratch driver, medians of 9 rounds: the
+  /// block's P.V 54.5 -> 48.2-49.1 TSC cycles per key.
   static constexpr int pv_rows_rest = 3;
-  static constexpr int pv_chunks_rest(int rows) { return rows >= 3 ? 3 : rows == 2 ? 4 : pv_chunks_few; }
+  static constexpr int pv_chunks_rest(int rows) { return rows >= 2 ? 4 : pv_chunks_few; }
   /// Pages ahead of a few-row pass that PageAhead requests (see there).
   static constexpr int pages_ahead_few = 4;
   static_assert(key_block_many % qk_keys == 0, "whole tiles per full many-row block");
@@ -654,7 +658,34 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
   const float* const v_first = v + first_chunk * Isa::width;
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::load(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width);
-  for (int j = 0; j < keys; ++j) {
+  int j = 0;
+  if constexpr (Rows == 1 && !SkipMasked) {
+    // One row reading whole V rows with chunks accumulated in L1: two keys per step, so
+    // each such chunk is one load, two FMAs and one store per two keys. One key per step
+    // made each chunk a store-to-load-to-FMA chain per key, which bounded the pass by
+    // its latency. Zen 2, AVX2, head_dim 128 (8 chunks in registers, 8 in L1), 256 keys
+    // in L2, scratch driver, medians of 9 rounds, TSC cycles per key: one row 28.3 ->
+    // 16.7, the P.V of 4 rows (this pass, then the others' register tiles) 48.8 -> 38.1.
+    // The sums keep their order (key j, then j + 1), so results are bit-identical.
+    for (; memory_chunks > 0 && j + 2 <= keys; j += 2) {
+      ahead.key(j);
+      ahead.key(j + 1);
+      const float* const first = v_first + j * v_stride;
+      const float* const second = first + v_stride;
+      pages.row(first);
+      pages.row(second);
+      const V first_weight = Isa::broadcast(p[std::ptrdiff_t(j) * strides.key]);
+      const V second_weight = Isa::broadcast(p[std::ptrdiff_t(j + 1) * strides.key]);
+      for (int c = 0; c < Chunks; ++c) acc[0][c] = Isa::fma(first_weight, Isa::load(first + c * Isa::width), acc[0][c]);
+      for (int c = 0; c < Chunks; ++c) acc[0][c] = Isa::fma(second_weight, Isa::load(second + c * Isa::width), acc[0][c]);
+      for (int c = Chunks; c < Chunks + memory_chunks; ++c) {
+        float* const o = out_first + c * Isa::width;
+        const V sum = Isa::fma(first_weight, Isa::load(first + c * Isa::width), Isa::load(o));
+        Isa::store(o, Isa::fma(second_weight, Isa::load(second + c * Isa::width), sum));
+      }
+    }
+  }
+  for (; j < keys; ++j) {
     ahead.key(j);
     pages.row(v_first + j * v_stride);
     if constexpr (Rows > 2 && !SkipMasked) {
