@@ -369,9 +369,10 @@ struct Tiling {
   /// four) and in cache (2048 keys) 0.96-0.97x by one order. Unmeasured on Zen 5, whose two
   /// FMA pipes leave less time per key to hide the L1 chains behind.
   static constexpr int pv_memory_chunks_wide = 2;
-  /// Keys per tile when several rows share those whole-row passes (GQA-8 decode of 16384
-  /// keys on Zen 3, 1 thread, scratch driver, six alternating pairs: 1-12% faster than
-  /// one pass per row over the whole block, 12.2-15.7 against 12.8-17.9 ms).
+  /// Keys per tile when several rows share those whole-row passes, now only in blocks with
+  /// masked keys (see pv_rows_in_l1_max). GQA-8 decode of 16384 keys on Zen 3, 1 thread,
+  /// scratch driver, six alternating pairs: 1-12% faster than one pass per row over the
+  /// whole block, 12.2-15.7 against 12.8-17.9 ms.
   static constexpr int pv_key_tile_few = 32;
   /// When several rows share a key tile, only the first reads it in a whole-row pass (from
   /// memory, in order). The others read it from L1 in register tiles of up to
@@ -390,6 +391,21 @@ struct Tiling {
   /// block's P.V 54.5 -> 48.2-49.1 TSC cycles per key.
   static constexpr int pv_rows_rest = 3;
   static constexpr int pv_chunks_rest(int rows) { return rows >= 2 ? 4 : pv_chunks_few; }
+  /// Unless the block has masked keys, 2 to pv_rows_in_l1_max rows take one pass over the
+  /// block instead (pv_rows_in_l1): two keys per step, every row's sums in L1. The key
+  /// tiles above read V from memory only during the first row's pass, and the hardware
+  /// prefetchers, which run ahead of demand misses, left DRAM idle while the other rows
+  /// worked from L1; software requests for the next tile during those passes were slower
+  /// still (each holds a miss buffer the loads need). One pass keeps the stream running
+  /// through the whole P.V, and its stores (one per row, vector and two keys) cost no more
+  /// than the FMAs. Zen 2, AVX2, GQA-8 decode from a KvCache (q_heads 32, head_dim 128),
+  /// 1 thread, scratch copy with per-phase counters, TSC cycles per key and KV head,
+  /// alternating builds: 16384 keys P.V 110-137 -> 99-121, the call 0.85-0.99x (median of
+  /// 9 pairs 0.92x); 1024 keys P.V 55-62 -> 48, call 0.84-0.94x. One key per step (V
+  /// rows strictly in order) read DRAM a little faster (P.V 89-102) but took 79 in cache,
+  /// store-bound at twice the stores. Group 2 (16 KV heads) 0.88-1.08x from DRAM (noise),
+  /// 0.89-0.98x in cache.
+  static constexpr int pv_rows_in_l1_max = 4;
   /// Pages ahead of a few-row pass that PageAhead requests (see there).
   static constexpr int pages_ahead_few = 4;
   static_assert(key_block_many % qk_keys == 0, "whole tiles per full many-row block");
@@ -728,6 +744,59 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
     for (int c = 0; c < Chunks; ++c) Isa::store(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width, acc[r][c]);
 }
 
+/// P.V of Rows rows in one pass over the keys, reading each V row whole and in order, two
+/// keys per step, with every row's sums in `out` (L1) rather than registers: per vector
+/// of a row, one load, two FMAs and one store per two keys (see Tiling::pv_rows_in_l1_max).
+/// No masked keys (the caller takes another path for those). Each sum adds its keys in
+/// order, as the register tiles do, so the results are the same bits.
+template <class Isa, int Rows>
+inline void pv_rows_in_l1(const float* p, LogitStrides strides, const float* v, std::ptrdiff_t v_stride, int keys,
+                          float* out, int dim_padded, PrefetchRows ahead, PageAhead pages) {
+  using V = typename Isa::vec;
+  const int chunks = dim_padded / Isa::width;
+  const auto weight = [&](int key, int r) {
+    return Isa::broadcast(p[std::ptrdiff_t(key) * strides.key + std::ptrdiff_t(r) * strides.row]);
+  };
+  int j = 0;
+  for (; j + 2 <= keys; j += 2) {
+    ahead.key(j);
+    ahead.key(j + 1);
+    const float* const first = v + j * v_stride;
+    const float* const second = first + v_stride;
+    pages.row(first);
+    pages.row(second);
+    V first_weight[Rows], second_weight[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      first_weight[r] = weight(j, r);
+      second_weight[r] = weight(j + 1, r);
+    }
+    for (int c = 0; c < chunks; ++c) {
+      V first_value = Isa::load(first + c * Isa::width), second_value = Isa::load(second + c * Isa::width);
+      Isa::hold(first_value);
+      Isa::hold(second_value);
+      for (int r = 0; r < Rows; ++r) {
+        float* const o = out + std::ptrdiff_t(r) * dim_padded + c * Isa::width;
+        Isa::store(o, Isa::fma(second_weight[r], second_value, Isa::fma(first_weight[r], first_value, Isa::load(o))));
+      }
+    }
+  }
+  if (j < keys) {  // an odd count's last key
+    ahead.key(j);
+    const float* const row = v + j * v_stride;
+    pages.row(row);
+    V row_weight[Rows];
+    for (int r = 0; r < Rows; ++r) row_weight[r] = weight(j, r);
+    for (int c = 0; c < chunks; ++c) {
+      V value = Isa::load(row + c * Isa::width);
+      Isa::hold(value);
+      for (int r = 0; r < Rows; ++r) {
+        float* const o = out + std::ptrdiff_t(r) * dim_padded + c * Isa::width;
+        Isa::store(o, Isa::fma(row_weight[r], value, Isa::load(o)));
+      }
+    }
+  }
+}
+
 // Run-time tile remainders to the compile-time micro-kernels: a tile's size N is
 // dispatched as Max, Max - 1, ..., 1 (an out-of-range N never occurs: callers pass
 // min(Max, remaining)).
@@ -801,8 +870,14 @@ inline void pv_block(int rows, const float* p, LogitStrides strides, const float
   constexpr int max_rows = MaxRows, max_chunks = MaxChunks;
   const int chunks = dim_padded / Isa::width;
   if constexpr (Tiling<Isa>::pv_whole_rows_few && max_rows == 1) {
+    if (chunks > max_chunks && !SkipMasked && rows >= 2 && rows <= Tiling<Isa>::pv_rows_in_l1_max) {
+      return with_tile_size<Tiling<Isa>::pv_rows_in_l1_max>(rows, [&](auto rows_now) {
+        pv_rows_in_l1<Isa, rows_now.value>(p, strides, v, v_stride, keys, acc, dim_padded, ahead, pages);
+      });
+    }
     if (chunks > max_chunks) {
-      // Several rows walk the block in tiles of pv_key_tile_few keys, so the first row
+      // Several rows of a block with masked keys (see Tiling::pv_rows_in_l1_max for the
+      // others) walk it in tiles of pv_key_tile_few keys, so the first row
       // reads a tile from memory and the others from L1 (in register tiles, see
       // Tiling::pv_rows_rest), and the DRAM stream runs through the whole P.V rather than
       // during one row's pass of four.
