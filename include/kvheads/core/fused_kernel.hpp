@@ -656,6 +656,23 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
     for (int r = 0; r < RowVecs; ++r) Isa::store(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width, acc[d][r]);
 }
 
+/// The V rows of keys j and j + 1 for a two-key step, after issuing the step's requests
+/// (`ahead` for both keys, `pages` for both rows).
+struct KeyPairRows {
+  const float* first;
+  const float* second;
+};
+inline KeyPairRows key_pair_rows(const float* v, std::ptrdiff_t v_stride, int j, const PrefetchRows& ahead,
+                                 const PageAhead& pages) {
+  ahead.key(j);
+  ahead.key(j + 1);
+  const float* const first = v + j * v_stride;
+  const float* const second = first + v_stride;
+  pages.row(first);
+  pages.row(second);
+  return {first, second};
+}
+
 /// P.V: out[r][chunk c0..c0+Chunks) += sum_j p(j, r) * v_j[...], for Rows rows.
 /// SkipMasked (blocks with masked keys): a masked key's weight is marked negative (see
 /// mark_masked_keys); skipping it keeps a NaN or inf in a value the row cannot see out of
@@ -685,12 +702,7 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
     // 16.7, the P.V of 4 rows (this pass, then the others' register tiles) 48.8 -> 38.1.
     // The sums keep their order (key j, then j + 1), so results are bit-identical.
     for (; memory_chunks > 0 && j + 2 <= keys; j += 2) {
-      ahead.key(j);
-      ahead.key(j + 1);
-      const float* const first = v_first + j * v_stride;
-      const float* const second = first + v_stride;
-      pages.row(first);
-      pages.row(second);
+      const auto [first, second] = key_pair_rows(v_first, v_stride, j, ahead, pages);
       const V first_weight = Isa::broadcast(p[std::ptrdiff_t(j) * strides.key]);
       const V second_weight = Isa::broadcast(p[std::ptrdiff_t(j + 1) * strides.key]);
       for (int c = 0; c < Chunks; ++c) acc[0][c] = Isa::fma(first_weight, Isa::load(first + c * Isa::width), acc[0][c]);
@@ -760,12 +772,7 @@ inline void pv_rows_in_l1(const float* p, LogitStrides strides, const float* v, 
   };
   int j = 0;
   for (; j + 2 <= keys; j += 2) {
-    ahead.key(j);
-    ahead.key(j + 1);
-    const float* const first = v + j * v_stride;
-    const float* const second = first + v_stride;
-    pages.row(first);
-    pages.row(second);
+    const auto [first, second] = key_pair_rows(v, v_stride, j, ahead, pages);
     V first_weight[Rows], second_weight[Rows];
     for (int r = 0; r < Rows; ++r) {
       first_weight[r] = weight(j, r);
