@@ -112,8 +112,8 @@ TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows 
   // ISAs one row's pass accumulates the rest of its row in L1; two to four rows take one
   // pass with every row's sums in L1, two keys per step and an odd block's last key alone;
   // in the blocks with masked keys of the combined options' window, the first row's pass
-  // and register tiles of 1, 2 or 3 rows for the others, in 32-key tiles), over several key blocks with
-  // the next block requested ahead, and tails of both: 2601 keys = 2 x 1024 + 17 x 32 + 9
+  // and register tiles of 1, 2 or 3 rows for the others, in 32-key tiles), over several
+  // key blocks with the next block requested ahead, and tails of both: 2601 keys = 2 x 1024 + 17 x 32 + 9
   // (16-float vectors) or 10 x 256 + 32 + 9; the odd last block leaves two-key Q.K passes
   // (Tiling::dims_key_pairs) one key to do alone. One row (MHA), two, three and four rows
   // (GQA), five and seven (groups 5 and 7: one Q.K tile of one accumulator chain per row

@@ -401,11 +401,11 @@ struct Tiling {
   /// than the FMAs. Zen 2, AVX2, GQA-8 decode from a KvCache (q_heads 32, head_dim 128),
   /// 1 thread, scratch copy with per-phase counters, TSC cycles per key and KV head,
   /// alternating builds: 16384 keys P.V 110-137 -> 99-121, the call 0.85-1.03x (median of
-  /// 12 pairs 0.94x); 1024 keys P.V 53-62 -> 48-49, call 0.84-0.94x. bench_attend,
-  /// alternating builds, 3 pairs: GQA-8 decode 0.95x / 0.94x time on 1 / 2 threads. One key per step (V
-  /// rows strictly in order) read DRAM a little faster (P.V 89-102) but took 79 in cache,
-  /// store-bound at twice the stores. Group 2 (16 KV heads) 0.88-1.08x from DRAM (noise),
-  /// 0.89-0.98x in cache.
+  /// 12 pairs 0.94x); 1024 keys P.V 53-62 -> 48-49, call 0.84-0.94x; group 2 (16 KV heads)
+  /// 0.88-1.08x from DRAM (noise), 0.89-0.98x in cache. bench_attend, alternating builds,
+  /// 3 pairs: GQA-8 decode 0.95x / 0.94x time on 1 / 2 threads. One key per step (V rows
+  /// strictly in order) read DRAM a little faster (P.V 89-102) but took 79 in cache,
+  /// store-bound at twice the stores.
   static constexpr int pv_rows_in_l1_max = 4;
   /// Pages ahead of a few-row pass that PageAhead requests (see there).
   static constexpr int pages_ahead_few = 4;
