@@ -10,6 +10,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -635,6 +636,42 @@ TEST_CASE("simd: exp_nonpositive is exp bit for bit from -87.33654 to 0", "[simd
     eval_exp_nonpositive<decltype(isa)>(in, out, n);
   });
   report("exp_nonpositive", results, 2e-7, false);
+}
+
+TEST_CASE("simd: exp_nonpositive_each gives every vector exp_nonpositive's bits", "[simd][exp]") {
+  // The softmax takes its exponentials N vectors at a time; the results must not depend
+  // on N or on a vector's place among the N. Inputs: every 61st float of [-110, 0] (the
+  // subnormal tail included), -inf, NaN and both zeros, in an order that puts each kind
+  // in every place.
+  const std::uint32_t sign = 0x80000000u;
+  std::vector<float> x = {-inf, qnan, 0.f, -0.f, -104.f, exp_lowest};
+  for (std::uint64_t pattern = sign; pattern <= (sign | bits(110.f)); pattern += 61) x.push_back(from_bits(std::uint32_t(pattern)));
+  for_each_runnable_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    using V = typename Isa::vec;
+    const auto check_each = [&](auto n_vectors) {
+      constexpr int N = decltype(n_vectors)::value;
+      constexpr int floats = N * Isa::width;
+      int failures = 0;
+      for (std::size_t first = 0; first < x.size(); first += floats) {
+        float in[floats], out[floats];
+        for (int i = 0; i < floats; ++i) in[i] = x[(first + std::size_t(i)) % x.size()];
+        V vectors[N];
+        for (int k = 0; k < N; ++k) vectors[k] = Isa::load(in + k * Isa::width);
+        simd::exp_nonpositive_each<Isa, N>(vectors);
+        for (int k = 0; k < N; ++k) Isa::store(out + k * Isa::width, vectors[k]);
+        for (int i = 0; i < floats; ++i) {
+          const float one = lanes<Isa>(simd::exp_nonpositive<Isa>(Isa::broadcast(in[i])))[0];
+          if (bits(one) != bits(out[i]) && failures++ < 5)
+            FAIL_CHECK(Isa::name << ", " << N << " vectors: x = " << in[i] << ": " << out[i] << ", alone " << one);
+        }
+      }
+      CHECK(failures == 0);
+    };
+    check_each(std::integral_constant<int, 2>{});
+    check_each(std::integral_constant<int, 3>{});
+    check_each(std::integral_constant<int, 4>{});
+  });
 }
 
 TEST_CASE("simd: tanh special values", "[simd][tanh]") {

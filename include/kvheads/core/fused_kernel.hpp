@@ -334,6 +334,22 @@ struct Tiling {
   /// With 16 registers, 12 (14 registers in all): Zen 2, 8 rows x 120 keys x head_dim 128
   /// in L1, medians of 9 rounds: 1 x 4 35.8, 1 x 8 60.7, 1 x 12 70.5 GFLOP/s.
   static constexpr int pv_dims_one_vec = many_registers ? 16 : 12;
+  /// With 16 registers, blocks without masked keys whose rows fill an even number of
+  /// vectors (MQA, GQA groups of 16 or 32 in decode) take P.V over whole V rows instead
+  /// (pv_by_keys): pv_keys_many keys x 2 row vectors of weights in registers (12
+  /// accumulators' worth, as qk_keys) and the sums through L1, one load and store per
+  /// row vector and dimension. The tiles above read a few dimensions of each of the
+  /// block's V rows per pass, so V streamed from DRAM as many short runs the prefetchers
+  /// follow badly, and the next-line requests that helped cost 25-38 cycles per key in
+  /// cache. In decode the whole of a block's V is then requested during Q.K (see
+  /// v_whole_during_qk) and the next block's K during P.V. Zen 2, AVX2, MQA decode from a
+  /// KvCache (q_heads 32, head_dim 128), 1 thread, scratch copy with per-phase counters,
+  /// TSC cycles per key: one block in L2, P.V 244-247 -> 217-218; 16384 keys from DRAM,
+  /// Q.K 191 -> 215 and P.V 269-275 -> 230-231, the call 505-510 -> 490-492. Requests for
+  /// V during P.V instead (the next tile's rows, or two tiles ahead) took P.V to 317-323.
+  /// With 32 registers unmeasured: AVX-512 and NEON keep the tiles above.
+  static constexpr bool pv_whole_rows_many = !many_registers;
+  static constexpr int pv_keys_many = 6;
   /// P.V for few rows (decode): pv_rows_few rows x whole V rows of up to pv_chunks_few
   /// vectors, so each pass streams V sequentially, which the hardware prefetcher follows
   /// better than every other half row. pv_whole_rows_few: a row longer than the register
@@ -420,31 +436,6 @@ struct Tiling {
 // always hold whole vectors here (a head_dim that is not a multiple of the width is
 // staged into zero-padded rows first), so no load in these loops is partial.
 
-/// Q.K for many rows: logits[j][rows] += sum_d qt[d][rows] * k_j[d], vectorised over rows.
-/// `qt` is the scaled queries transposed ([head_dim][rows_padded]); each K element is
-/// broadcast once and feeds RowVecs x Keys FMAs.
-template <class Isa, int RowVecs, int Keys>
-KVHEADS_NOINLINE void qk_by_rows(const float* qt, int rows_padded, const float* k, std::ptrdiff_t k_stride, int head_dim,
-                       float* logits) {
-  using V = typename Isa::vec;
-  V acc[RowVecs][Keys];
-  for (int r = 0; r < RowVecs; ++r)
-    for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
-  for (int d = 0; d < head_dim; ++d) {
-    V q[RowVecs];
-    for (int r = 0; r < RowVecs; ++r) {
-      q[r] = Isa::load(qt + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
-      Isa::hold(q[r]);
-    }
-    for (int j = 0; j < Keys; ++j) {
-      const V key = Isa::broadcast(k[j * k_stride + d]);
-      for (int r = 0; r < RowVecs; ++r) acc[r][j] = Isa::fma(q[r], key, acc[r][j]);
-    }
-  }
-  for (int j = 0; j < Keys; ++j)
-    for (int r = 0; r < RowVecs; ++r) Isa::store(logits + j * rows_padded + r * Isa::width, acc[r][j]);
-}
-
 /// Rows to prefetch while a micro-kernel walks its keys: for key j < keys, the row at
 /// first + j * stride (bytes), `lines` cache lines of it.
 struct PrefetchRows {
@@ -467,6 +458,56 @@ struct PrefetchRows {
     if (j < keys) simd::prefetch(first + j * stride + (i - j * lines) * 64);
   }
 };
+
+/// Lines [first, first + count) of `rows` (counted as PrefetchRows::line counts them),
+/// requested one at a time and evenly over a pass of `steps` steps rather than all at once
+/// before it: a burst of requests fills the core's miss buffers and stalls the loads the
+/// pass itself waits for.
+class SpreadRequests {
+ public:
+  SpreadRequests(const PrefetchRows& rows, int first, int count, int steps)
+      : rows_(rows), next_line_(first), end_line_(first + count), every_(count > 0 ? std::max(1, steps / count) : 0) {}
+  /// Step `step` of the pass (0, 1, ... in turn).
+  void step(int step) {
+    if (step != next_step_ || next_line_ >= end_line_) return;
+    rows_.line(next_line_++);
+    next_step_ += every_;
+  }
+
+ private:
+  PrefetchRows rows_;
+  int next_line_, end_line_, every_, next_step_ = 0;
+};
+
+/// Q.K for many rows: logits[j][rows] += sum_d qt[d][rows] * k_j[d], vectorised over rows.
+/// `qt` is the scaled queries transposed ([head_dim][rows_padded]); each K element is
+/// broadcast once and feeds RowVecs x Keys FMAs.
+/// spread: lines [spread_first, spread_first + spread_count) of other rows, requested
+/// evenly over the pass (see SpreadRequests).
+template <class Isa, int RowVecs, int Keys>
+KVHEADS_NOINLINE void qk_by_rows(const float* qt, int rows_padded, const float* k, std::ptrdiff_t k_stride, int head_dim,
+                                 float* logits, const PrefetchRows& spread = {}, int spread_first = 0,
+                                 int spread_count = 0) {
+  using V = typename Isa::vec;
+  V acc[RowVecs][Keys];
+  for (int r = 0; r < RowVecs; ++r)
+    for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
+  SpreadRequests requests(spread, spread_first, spread_count, head_dim);
+  for (int d = 0; d < head_dim; ++d) {
+    requests.step(d);
+    V q[RowVecs];
+    for (int r = 0; r < RowVecs; ++r) {
+      q[r] = Isa::load(qt + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
+      Isa::hold(q[r]);
+    }
+    for (int j = 0; j < Keys; ++j) {
+      const V key = Isa::broadcast(k[j * k_stride + d]);
+      for (int r = 0; r < RowVecs; ++r) acc[r][j] = Isa::fma(q[r], key, acc[r][j]);
+    }
+  }
+  for (int j = 0; j < Keys; ++j)
+    for (int r = 0; r < RowVecs; ++r) Isa::store(logits + j * rows_padded + r * Isa::width, acc[r][j]);
+}
 
 /// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim,
 /// one key after another over `keys` keys. `q_rows` are scaled queries padded with zeros
@@ -619,9 +660,7 @@ struct KeySpan {
 /// prefetch_rows: when given, the pass also prefetches prefetch_rows + j * v_stride for
 /// every key j it walks (the next cache line of each V row, see the caller).
 /// spread: lines [spread_first, spread_first + spread_count) of other rows (the next
-/// block's K), requested one at a time and evenly over the keys rather than all at once
-/// before the pass: a burst of requests fills the core's miss buffers and stalls the
-/// loads the pass itself waits for.
+/// block's K), requested evenly over the keys (see SpreadRequests).
 template <class Isa, int RowVecs, int Dims, bool SkipMasked>
 KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int keys,
                        float* acc_t, const float* prefetch_rows = nullptr, PrefetchRows spread = {}, int spread_first = 0,
@@ -630,15 +669,10 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
   V acc[Dims][RowVecs];
   for (int d = 0; d < Dims; ++d)
     for (int r = 0; r < RowVecs; ++r) acc[d][r] = Isa::load(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
-  const int spread_step = spread_count > 0 ? std::max(1, keys / spread_count) : 0;
-  int spread_next = 0, spread_done = 0;
+  SpreadRequests requests(spread, spread_first, spread_count, keys);
   for (int j = 0; j < keys; ++j) {
     if (prefetch_rows) simd::prefetch(prefetch_rows + j * v_stride);
-    if (j == spread_next && spread_done < spread_count) {
-      spread.line(spread_first + spread_done);
-      ++spread_done;
-      spread_next += spread_step;
-    }
+    requests.step(j);
     V weight[RowVecs];
     for (int r = 0; r < RowVecs; ++r) {
       weight[r] = Isa::load(p + std::ptrdiff_t(j) * rows_padded + r * Isa::width);
@@ -654,6 +688,40 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
   }
   for (int d = 0; d < Dims; ++d)
     for (int r = 0; r < RowVecs; ++r) Isa::store(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width, acc[d][r]);
+}
+
+/// P.V for many rows over whole V rows: acc_t[d][rows] += sum_j p[j][rows] * v_j[d] for
+/// Keys keys and RowVecs row vectors, every d of head_dim. The Keys x RowVecs weights stay
+/// in registers and the sums go through `acc_t` (L1) once per d: per d, RowVecs loads and
+/// stores, Keys broadcasts of V and Keys x RowVecs FMAs, the mirror image of qk_by_rows.
+/// So the pass reads Keys V rows whole and in order, where pv_by_rows reads a few
+/// dimensions of every key of the block (see Tiling::pv_keys_many). No masked keys (the
+/// caller takes pv_by_rows for those). Each sum adds its keys in order, as pv_by_rows
+/// does, so the results are the same bits.
+/// spread: lines [spread_first, spread_first + spread_count) of other rows, requested
+/// evenly over the pass (see SpreadRequests).
+template <class Isa, int RowVecs, int Keys>
+KVHEADS_NOINLINE void pv_by_keys(const float* p, int rows_padded, const float* v, std::ptrdiff_t v_stride, int head_dim,
+                                 float* acc_t, PrefetchRows spread = {}, int spread_first = 0, int spread_count = 0) {
+  using V = typename Isa::vec;
+  V weight[Keys][RowVecs];
+  for (int j = 0; j < Keys; ++j)
+    for (int r = 0; r < RowVecs; ++r) {
+      weight[j][r] = Isa::load(p + std::ptrdiff_t(j) * rows_padded + r * Isa::width);
+      Isa::hold(weight[j][r]);
+    }
+  SpreadRequests requests(spread, spread_first, spread_count, head_dim);
+  for (int d = 0; d < head_dim; ++d) {
+    requests.step(d);
+    float* const out = acc_t + std::ptrdiff_t(d) * rows_padded;
+    V sum[RowVecs];
+    for (int r = 0; r < RowVecs; ++r) sum[r] = Isa::load(out + r * Isa::width);
+    for (int j = 0; j < Keys; ++j) {
+      const V value = Isa::broadcast(v[j * v_stride + d]);
+      for (int r = 0; r < RowVecs; ++r) sum[r] = Isa::fma(weight[j][r], value, sum[r]);
+    }
+    for (int r = 0; r < RowVecs; ++r) Isa::store(out + r * Isa::width, sum[r]);
+  }
 }
 
 /// The V rows of keys j and j + 1 for a two-key step, after issuing the step's requests
@@ -1170,6 +1238,17 @@ class FusedTask {
       // 8-32 keys ahead (GQA-8 4.9-5.4 -> 6.0-6.4 ms); one line per page (PageAhead) gains.
       // K and V read side by side (P.V of the previous block in 32-key tiles between Q.K
       // tiles of this one) took GQA-8 decode from 5.0 to 8.0 ms: one stream at a time.
+      // Only blocks crossing a row's causal edge or window start need masking.
+      const bool crosses_causal_edge = block + keys - 1 > first_pos;
+      const bool crosses_window_start = args_.window > 0 && block <= last_pos - args_.window;
+      const bool block_needs_mask = masked && (crosses_causal_edge || crosses_window_start);
+      // Many-row P.V over whole V rows (see Tiling::pv_keys_many).
+      const bool pv_whole_rows = Tiling<Isa>::pv_whole_rows_many && !by_dims && !block_needs_mask &&
+                                 (rows_padded / width) % 2 == 0;
+      // Of this block's V, a decode whose P.V reads whole rows requests every line during
+      // Q.K, spread over its tiles, so P.V finds V in L2 and the next block's K, which it
+      // requests in turn, has the DRAM to itself (see Tiling::pv_keys_many).
+      const bool v_whole_during_qk = pv_whole_rows && queries == 1;
       const bool request_ahead = !by_dims || (!Tiling<Isa>::many_registers && rows > 1);
       PrefetchRows during_qk, during_pv;
       if (k_rows != k_stage && request_ahead) {
@@ -1178,7 +1257,8 @@ class FusedTask {
         const int lines = (head_dim * int(sizeof(KvT)) + 63) / 64;
         const PrefetchRows next_k{reinterpret_cast<const char*>(k) + key_block * stride, stride, next_keys, lines};
         const PrefetchRows next_v{reinterpret_cast<const char*>(v) + key_block * stride, stride, next_keys, lines};
-        const PrefetchRows this_v{reinterpret_cast<const char*>(v), stride, keys, by_dims ? lines : 1};
+        const PrefetchRows this_v{reinterpret_cast<const char*>(v), stride, keys,
+                                  by_dims || v_whole_during_qk ? lines : 1};
         during_qk = by_dims ? next_k : this_v;
         during_pv = by_dims ? next_v : next_k;
       }
@@ -1221,10 +1301,6 @@ class FusedTask {
                             : PrefetchRows{};
 
       // Per-row mask bounds and ALiBi offsets relative to this block, as small exact floats.
-      // Only blocks crossing a row's causal edge or window start need masking.
-      const bool crosses_causal_edge = block + keys - 1 > first_pos;
-      const bool crosses_window_start = args_.window > 0 && block <= last_pos - args_.window;
-      const bool block_needs_mask = masked && (crosses_causal_edge || crosses_window_start);
       if (block_needs_mask || args_.alibi_slopes) {
         for (int r = 0; r < rows_padded; ++r) {
           const std::ptrdiff_t position = first_pos + (r < rows ? r / group : 0);
@@ -1276,8 +1352,15 @@ class FusedTask {
         constexpr int tile_keys = Tiling<Isa>::qk_keys, tile_row_vecs = Tiling<Isa>::qk_row_vecs;
         const int row_vecs = rows_padded / width;
         for (int j = 0; j < keys; j += tile_keys) {
-          for (int key = j; key < j + tile_keys; ++key) during_qk.key(key);
           const int keys_now = std::min(tile_keys, keys - j);
+          // Whole V rows go out spread over a whole tile's passes (a burst of requests fills
+          // the core's miss buffers, see pv_by_rows); first lines, or a tail's, at once.
+          const bool spread = v_whole_during_qk && keys_now == tile_keys;
+          const int tile_lines = spread ? std::clamp(during_qk.keys - j, 0, keys_now) * during_qk.lines : 0;
+          const int row_tiles = (row_vecs + tile_row_vecs - 1) / tile_row_vecs;
+          const int share = (tile_lines + row_tiles - 1) / row_tiles;
+          if (!spread)
+            for (int key = j; key < j + tile_keys; ++key) during_qk.key(key);
           for (int rv = 0; rv < row_vecs; rv += tile_row_vecs)
             with_tile_size<tile_row_vecs>(row_vecs - rv, [&](auto vecs_now) {
               const KeySpan seen = keys_for_tile(rv, vecs_now.value);
@@ -1285,8 +1368,10 @@ class FusedTask {
               const float* qt = queries_buf + rv * width;
               float* out = logits + std::ptrdiff_t(j) * rows_padded + rv * width;
               if (keys_now == tile_keys) {
+                const int first_line = rv / tile_row_vecs * share;
                 qk_by_rows<Isa, vecs_now.value, tile_keys>(qt, rows_padded, k_rows + j * row_stride, row_stride,
-                                                           head_dim, out);
+                                                           head_dim, out, during_qk, j * during_qk.lines + first_line,
+                                                           std::clamp(tile_lines - first_line, 0, share));
               } else {  // a block's tail: tiles of qk_keys_tail keys, then key by key
                 constexpr int tail_keys = Tiling<Isa>::qk_keys_tail;
                 int key = 0;
@@ -1407,10 +1492,29 @@ class FusedTask {
         using OneVecDims = std::integral_constant<int, Tiling<Isa>::pv_dims_one_vec>;
         using RowVecs = std::integral_constant<int, Tiling<Isa>::pv_row_vecs>;
         using Dims = std::integral_constant<int, Tiling<Isa>::pv_dims>;
-        if (row_vecs == 1)  // see Tiling::pv_dims_one_vec
+        if (pv_whole_rows) {
+          // Tiles of pv_keys_many keys x two row vectors; each tile's pairs of row vectors
+          // take turns over its V rows, the later ones from L1. The next block's K goes
+          // out spread evenly over all of the block's passes.
+          constexpr int tile_keys = Tiling<Isa>::pv_keys_many;
+          const int key_tiles = (keys + tile_keys - 1) / tile_keys, row_pairs = row_vecs / 2;
+          const int lines = during_pv.keys * during_pv.lines;
+          const int share = (lines + key_tiles * row_pairs - 1) / (key_tiles * row_pairs);
+          int pass = 0;
+          for (int j = 0; j < keys; j += tile_keys)
+            with_tile_size<tile_keys>(keys - j, [&](auto keys_now) {
+              for (int rv = 0; rv < row_vecs; rv += 2, ++pass) {
+                const int first_line = pass * share;
+                pv_by_keys<Isa, 2, keys_now.value>(logits + std::ptrdiff_t(j) * rows_padded + rv * width, rows_padded,
+                                                   v_rows + j * row_stride, row_stride, head_dim, acc + rv * width,
+                                                   during_pv, first_line, std::clamp(lines - first_line, 0, share));
+              }
+            });
+        } else if (row_vecs == 1) {  // see Tiling::pv_dims_one_vec
           passes(One{}, OneVecDims{});
-        else
+        } else {
           passes(RowVecs{}, Dims{});
+        }
       }
      }
     }
@@ -1567,6 +1671,32 @@ class FusedTask {
     }
   }
 
+  /// Replaces `count` vectors of logits, `stride` floats apart from `first` on, by
+  /// exp(logit - shift), and returns their sum (added in order). Four vectors at a time:
+  /// one exponential's steps form a chain too long for the out-of-order window to
+  /// overlap many of them (Zen 2, AVX2, 120 keys x 32 rows in L1: 35.0 -> 28.8 TSC
+  /// cycles per key). The same bits either way.
+  static V exp_shifted_sum(float* first, std::ptrdiff_t stride, int count, V shift) {
+    constexpr int at_once = 4;
+    V sum = Isa::zero();
+    int i = 0;
+    for (; i + at_once <= count; i += at_once) {
+      V weight[at_once];
+      for (int k = 0; k < at_once; ++k) weight[k] = Isa::sub(Isa::load(first + (i + k) * stride), shift);
+      simd::exp_nonpositive_each<Isa, at_once>(weight);
+      for (int k = 0; k < at_once; ++k) {
+        Isa::store(first + (i + k) * stride, weight[k]);
+        sum = Isa::add(sum, weight[k]);
+      }
+    }
+    for (; i < count; ++i) {
+      const V weight = simd::exp_nonpositive<Isa>(Isa::sub(Isa::load(first + i * stride), shift));
+      Isa::store(first + i * stride, weight);
+      sum = Isa::add(sum, weight);
+    }
+    return sum;
+  }
+
   /// update_softmax for row-major logits: one row at a time, vectorised along the keys,
   /// so a decode row costs keys / width exponentials rather than keys.
   static void update_softmax_by_row(float* logits, int key_block, int keys_padded, int rows, float* row_max,
@@ -1579,13 +1709,7 @@ class FusedTask {
       const float new_max = std::fmax(old_max, Isa::reduce_max(block_max));
       // As in update_softmax: a row that has seen only masked keys subtracts 0, not -inf.
       const float shift = new_max < -std::numeric_limits<float>::max() ? 0.f : new_max;
-      const V shift_vec = Isa::broadcast(shift);
-      V sum = Isa::zero();
-      for (int j = 0; j < keys_padded; j += width) {
-        const V weight = simd::exp_nonpositive<Isa>(Isa::sub(Isa::load(row + j), shift_vec));
-        Isa::store(row + j, weight);
-        sum = Isa::add(sum, weight);
-      }
+      const V sum = exp_shifted_sum(row, width, keys_padded / width, Isa::broadcast(shift));
       const float factor = std::exp(old_max - shift);
       row_sum[r] = row_sum[r] * factor + Isa::reduce_sum(sum);
       row_max[r] = new_max;
@@ -1618,13 +1742,7 @@ class FusedTask {
       // exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
       const V shift = Isa::select_less(new_max, lowest, Isa::zero(), new_max);
       const V factor = simd::exp_nonpositive<Isa>(Isa::sub(old_max, shift));
-      V sum = Isa::zero();
-      for (int j = 0; j < keys; ++j) {
-        float* p = logits + std::ptrdiff_t(j) * rows_padded + rv;
-        const V weight = simd::exp_nonpositive<Isa>(Isa::sub(Isa::load(p), shift));
-        Isa::store(p, weight);
-        sum = Isa::add(sum, weight);
-      }
+      const V sum = exp_shifted_sum(logits + rv, rows_padded, keys, shift);
       Isa::store(row_sum + rv, Isa::fma(Isa::load(row_sum + rv), factor, sum));
       Isa::store(row_max + rv, new_max);
       Isa::store(row_scale + rv, factor);

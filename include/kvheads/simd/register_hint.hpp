@@ -1,6 +1,6 @@
 #pragma once
 // The compiler hints the kernels rely on, defined once: keep_in_register (behind every
-// ISA's `hold`, simd/avx512.hpp etc.) and KVHEADS_NOINLINE.
+// ISA's `hold`, simd/avx512.hpp etc.), KVHEADS_NOINLINE and KVHEADS_ALWAYS_INLINE.
 
 /// Keeps a register-tile micro-kernel a function of its own. Each call runs a thousand or
 /// more FMAs, so the call is free; inlined into the large kernel driver, the tile's
@@ -13,6 +13,18 @@
 #define KVHEADS_NOINLINE __declspec(noinline)
 #else
 #define KVHEADS_NOINLINE
+#endif
+
+/// Inlines a vector-math step into its caller however large the compiler judges it:
+/// called out of line, exp_mantissa_each passed its vectors through memory (the
+/// softmax's exponentials of four vectors at a time, 120 keys x 32 rows, Zen 2, AVX2:
+/// 38.5 TSC cycles per key against 28.9 inlined).
+#if defined(__GNUC__) || defined(__clang__)
+#define KVHEADS_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define KVHEADS_ALWAYS_INLINE __forceinline
+#else
+#define KVHEADS_ALWAYS_INLINE inline
 #endif
 
 namespace kvheads::simd::detail {

@@ -2,27 +2,40 @@
 // exp, the softmax's exp_nonpositive and tanh, written once over the vector interface, so
 // every ISA shares the same range reduction and polynomial and therefore the same
 // measured error bound.
+#include "kvheads/simd/register_hint.hpp"
+
 namespace kvheads::simd {
 
 namespace detail {
-/// e^x = p * 2^n, given x and n = round(x / ln 2); returns p (in [0.7, 1.42]).
-template <class Isa>
-typename Isa::vec exp_mantissa(typename Isa::vec x, typename Isa::vec n) {
+/// e^x = p * 2^n, given x and n = round(x / ln 2), for N vectors at once; x[i] becomes p
+/// (in [0.7, 1.42]). Each step runs over all N before the next, so the out-of-order core
+/// sees N independent chains side by side (the Horner steps form one long chain per
+/// vector); every vector goes through the same operations in the same order for any N.
+template <class Isa, int N>
+KVHEADS_ALWAYS_INLINE void exp_mantissa_each(typename Isa::vec (&x)[N], const typename Isa::vec (&n)[N]) {
   using V = typename Isa::vec;
   // x = n*ln2 + r with |r| <= ln2/2 (a little more when x*log2(e) rounds across a tie).
   // ln2 is split in two: ln2_hi has 9 significant bits, so x - n*ln2_hi is exact.
-  V r = Isa::fma(n, Isa::broadcast(-0.693359375f), x);
-  r = Isa::fma(n, Isa::broadcast(2.12194440e-4f), r);
+  for (int i = 0; i < N; ++i) x[i] = Isa::fma(n[i], Isa::broadcast(-0.693359375f), x[i]);
+  for (int i = 0; i < N; ++i) x[i] = Isa::fma(n[i], Isa::broadcast(2.12194440e-4f), x[i]);
   // e^r ~ 1 + r + r^2 (c2 + c3 r + ... + c6 r^4): c2..c6 minimise the max relative
   // error on |r| <= 0.3468 (weighted Remez exchange, 3.1e-9 with exact coefficients);
   // float rounding in the Horner steps dominates what is left.
-  V p = Isa::broadcast(1.381454058e-3f);
-  p = Isa::fma(p, r, Isa::broadcast(8.368745446e-3f));
-  p = Isa::fma(p, r, Isa::broadcast(4.166838899e-2f));
-  p = Isa::fma(p, r, Isa::broadcast(1.666652113e-1f));
-  p = Isa::fma(p, r, Isa::broadcast(4.999999404e-1f));
-  p = Isa::fma(p, r, Isa::broadcast(1.f));
-  return Isa::fma(p, r, Isa::broadcast(1.f));
+  V p[N];
+  for (int i = 0; i < N; ++i) p[i] = Isa::fma(Isa::broadcast(1.381454058e-3f), x[i], Isa::broadcast(8.368745446e-3f));
+  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(4.166838899e-2f));
+  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.666652113e-1f));
+  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(4.999999404e-1f));
+  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.f));
+  for (int i = 0; i < N; ++i) x[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.f));
+}
+
+template <class Isa>
+typename Isa::vec exp_mantissa(typename Isa::vec x, typename Isa::vec n) {
+  typename Isa::vec xs[1] = {x};
+  const typename Isa::vec ns[1] = {n};
+  exp_mantissa_each<Isa, 1>(xs, ns);
+  return xs[0];
 }
 }  // namespace detail
 
@@ -46,20 +59,33 @@ typename Isa::vec exp(typename Isa::vec x) {
   return Isa::select_less(x, lowest, Isa::zero(), result);
 }
 
-/// e^x per lane for x <= 0: the softmax's weights, exp(logit - running max). With no
+/// e^x per lane for x <= 0, of N vectors in place (see detail::exp_mantissa_each): the
+/// softmax's weights, exp(logit - running max). With no
 /// overflow to guard against and ldexp scaling by 2^n, it takes 12 vector operations on
 /// AVX-512 against exp's 19 (MQA decode's softmax phase: -24% time).
 /// x >= -87.33654: bit for bit exp(x), so exp's error bound holds. Below, results are
 /// subnormal with |error| < 2^-125; x <= -104 (including -inf) gives exactly 0, so a
 /// masked key weighs exactly 0. NaN gives NaN. x > 0 is outside the contract.
-template <class Isa>
-typename Isa::vec exp_nonpositive(typename Isa::vec x) {
+template <class Isa, int N>
+KVHEADS_ALWAYS_INLINE void exp_nonpositive_each(typename Isa::vec (&x)[N]) {
   using V = typename Isa::vec;
   // e^-110 < 2^-158: 0 after ldexp on every ISA. max returns its second operand on NaN,
   // so a NaN x passes through (and -inf becomes -110).
-  x = Isa::max(Isa::broadcast(-110.f), x);
-  const V n = Isa::round(Isa::mul(x, Isa::broadcast(1.44269504088896341f)));
-  return Isa::ldexp(detail::exp_mantissa<Isa>(x, n), n);
+  V n[N];
+  for (int i = 0; i < N; ++i) {
+    x[i] = Isa::max(Isa::broadcast(-110.f), x[i]);
+    n[i] = Isa::round(Isa::mul(x[i], Isa::broadcast(1.44269504088896341f)));
+  }
+  detail::exp_mantissa_each<Isa, N>(x, n);
+  for (int i = 0; i < N; ++i) x[i] = Isa::ldexp(x[i], n[i]);
+}
+
+/// exp_nonpositive of one vector.
+template <class Isa>
+typename Isa::vec exp_nonpositive(typename Isa::vec x) {
+  typename Isa::vec xs[1] = {x};
+  exp_nonpositive_each<Isa, 1>(xs);
+  return xs[0];
 }
 
 /// tanh per lane: tanh(±inf) = ±1, NaN gives NaN.
