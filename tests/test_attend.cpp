@@ -84,9 +84,10 @@ TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile 
   // (staged) and many-row blocks (120 keys with 16 registers, 128 with 32; Q.K tiles of 6
   // or 8 keys, tails of 4 and 1) and the few-row (decode) block: 256 keys, 1024 with
   // 16-float vectors. With 16 registers, the many-row P.V of an even number of row vectors
-  // (16 and 32 rows here, on AVX2) reads whole V rows in tiles of 6 keys (pv_by_keys):
-  // 17, 63, 65, 129 and 1000 keys leave tiles of 5, 3, 5, 3 and 4, and 1, 2 and 121 keys
-  // of 1 and 2.
+  // (16 and 32 rows here on AVX2, every even row count on the scalar ISA) reads whole V
+  // rows in tiles of 6 keys (pv_by_keys): in 120-key blocks, 17, 63, 65, 129 and 1000
+  // keys leave tiles of 5, 3, 5, 3 and 4, and 1, 2 and 121 keys of 1 and 2; staged head_dims
+  // (64-key blocks) leave 4 keys after each full block.
   const std::vector<std::pair<int, int>> lengths = {{1, 1},    {1, 2},    {2, 17},   {5, 63},    {17, 64},
                                                     {1, 65},   {65, 129}, {9, 121},  {1, 256},  {2, 257},   {3, 1000},
                                                     {1, 1024}, {2, 1025}};

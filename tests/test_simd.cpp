@@ -640,12 +640,16 @@ TEST_CASE("simd: exp_nonpositive is exp bit for bit from -87.33654 to 0", "[simd
 
 TEST_CASE("simd: exp_nonpositive_each gives every vector exp_nonpositive's bits", "[simd][exp]") {
   // The softmax takes its exponentials N vectors at a time; the results must not depend
-  // on N or on a vector's place among the N. Inputs: every 61st float of [-110, 0] (the
-  // subnormal tail included), -inf, NaN and both zeros, in an order that puts each kind
-  // in every place.
+  // on N or on a vector's place among the N. Inputs: every 997th float of
+  // [-87.33654, -2^-30], every 61st of the subnormal tail below it to -110, then -inf,
+  // NaN, both zeros, -104 and the normal range's edge, each in every lane of N vectors.
   const std::uint32_t sign = 0x80000000u;
-  std::vector<float> x = {-inf, qnan, 0.f, -0.f, -104.f, exp_lowest};
-  for (std::uint64_t pattern = sign; pattern <= (sign | bits(110.f)); pattern += 61) x.push_back(from_bits(std::uint32_t(pattern)));
+  std::vector<float> regular;
+  for (std::uint64_t pattern = sign | bits(std::ldexp(1.f, -30)); pattern < (sign | bits(exp_lowest)); pattern += 997)
+    regular.push_back(from_bits(std::uint32_t(pattern)));
+  for (std::uint64_t pattern = sign | bits(exp_lowest); pattern <= (sign | bits(110.f)); pattern += 61)
+    regular.push_back(from_bits(std::uint32_t(pattern)));
+  const std::vector<float> special = {-inf, qnan, 0.f, -0.f, -104.f, exp_lowest};
   for_each_runnable_isa([&](auto isa) {
     using Isa = decltype(isa);
     using V = typename Isa::vec;
@@ -653,19 +657,29 @@ TEST_CASE("simd: exp_nonpositive_each gives every vector exp_nonpositive's bits"
       constexpr int N = decltype(n_vectors)::value;
       constexpr int floats = N * Isa::width;
       int failures = 0;
-      for (std::size_t first = 0; first < x.size(); first += floats) {
-        float in[floats], out[floats];
-        for (int i = 0; i < floats; ++i) in[i] = x[(first + std::size_t(i)) % x.size()];
+      const auto check_group = [&](const float (&in)[floats]) {
         V vectors[N];
         for (int k = 0; k < N; ++k) vectors[k] = Isa::load(in + k * Isa::width);
         simd::exp_nonpositive_each<Isa, N>(vectors);
+        float out[floats];
         for (int k = 0; k < N; ++k) Isa::store(out + k * Isa::width, vectors[k]);
         for (int i = 0; i < floats; ++i) {
           const float one = lanes<Isa>(simd::exp_nonpositive<Isa>(Isa::broadcast(in[i])))[0];
           if (bits(one) != bits(out[i]) && failures++ < 5)
             FAIL_CHECK(Isa::name << ", " << N << " vectors: x = " << in[i] << ": " << out[i] << ", alone " << one);
         }
+      };
+      float in[floats];
+      for (std::size_t first = 0; first < regular.size(); first += floats) {
+        for (int i = 0; i < floats; ++i) in[i] = regular[(first + std::size_t(i)) % regular.size()];
+        check_group(in);
       }
+      for (float value : special)
+        for (int lane = 0; lane < floats; ++lane) {
+          for (int i = 0; i < floats; ++i) in[i] = regular[std::size_t(lane * floats + i) % regular.size()];
+          in[lane] = value;
+          check_group(in);
+        }
       CHECK(failures == 0);
     };
     check_each(std::integral_constant<int, 2>{});

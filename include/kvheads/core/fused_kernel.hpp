@@ -334,8 +334,9 @@ struct Tiling {
   /// With 16 registers, 12 (14 registers in all): Zen 2, 8 rows x 120 keys x head_dim 128
   /// in L1, medians of 9 rounds: 1 x 4 35.8, 1 x 8 60.7, 1 x 12 70.5 GFLOP/s.
   static constexpr int pv_dims_one_vec = many_registers ? 16 : 12;
-  /// With 16 registers, blocks without masked keys whose rows fill an even number of
-  /// vectors (MQA, GQA groups of 16 or 32 in decode) take P.V over whole V rows instead
+  /// With 16 registers, blocks without masked keys whose rows pad to an even number of
+  /// vectors (MQA and GQA groups of 16 or 32 in decode, prefill tiles of 32 rows; with the
+  /// scalar ISA's one-float vectors, every even row count) take P.V over whole V rows instead
   /// (pv_by_keys): pv_keys_many keys x 2 row vectors of weights in registers (12
   /// accumulators' worth, as qk_keys) and the sums through L1, one load and store per
   /// row vector and dimension. The tiles above read a few dimensions of each of the
@@ -427,6 +428,7 @@ struct Tiling {
   static constexpr int pages_ahead_few = 4;
   static_assert(key_block_many % qk_keys == 0, "whole tiles per full many-row block");
   static_assert(qk_keys_tail < qk_keys, "a tail tile is smaller than a whole one");
+  static_assert(key_block_many % pv_keys_many == 0, "whole pv_by_keys tiles per full many-row block");
   static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
                 "whole vectors of logits per block");
 };
@@ -466,10 +468,14 @@ struct PrefetchRows {
 class SpreadRequests {
  public:
   SpreadRequests(const PrefetchRows& rows, int first, int count, int steps)
-      : rows_(rows), next_line_(first), end_line_(first + count), every_(count > 0 ? std::max(1, steps / count) : 0) {}
-  /// Step `step` of the pass (0, 1, ... in turn).
-  void step(int step) {
-    if (step != next_step_ || next_line_ >= end_line_) return;
+      : rows_(rows), next_line_(first), end_line_(first + count), every_(count > 0 ? std::max(1, steps / count) : 0) {
+    // More lines than steps (a short pass): the excess goes out at once, so none is left
+    // out. (A loop in step() instead made MQA decode 7-8% slower: its micro-kernels call it.)
+    while (end_line_ - next_line_ > steps) rows_.line(next_line_++);
+  }
+  /// Step `index` of the pass (0, 1, ... in turn).
+  void step(int index) {
+    if (index != next_step_ || next_line_ >= end_line_) return;
     rows_.line(next_line_++);
     next_step_ += every_;
   }
@@ -486,8 +492,7 @@ class SpreadRequests {
 /// evenly over the pass (see SpreadRequests).
 template <class Isa, int RowVecs, int Keys>
 KVHEADS_NOINLINE void qk_by_rows(const float* qt, int rows_padded, const float* k, std::ptrdiff_t k_stride, int head_dim,
-                                 float* logits, const PrefetchRows& spread = {}, int spread_first = 0,
-                                 int spread_count = 0) {
+                                 float* logits, PrefetchRows spread = {}, int spread_first = 0, int spread_count = 0) {
   using V = typename Isa::vec;
   V acc[RowVecs][Keys];
   for (int r = 0; r < RowVecs; ++r)
@@ -694,8 +699,9 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
 /// Keys keys and RowVecs row vectors, every d of head_dim. The Keys x RowVecs weights stay
 /// in registers and the sums go through `acc_t` (L1) once per d: per d, RowVecs loads and
 /// stores, Keys broadcasts of V and Keys x RowVecs FMAs, the mirror image of qk_by_rows.
-/// So the pass reads Keys V rows whole and in order, where pv_by_rows reads a few
-/// dimensions of every key of the block (see Tiling::pv_keys_many). No masked keys (the
+/// So the pass reads its Keys V rows side by side, each whole and in order (as qk_by_rows
+/// reads K), where pv_by_rows reads a few dimensions of every key of the block (see
+/// Tiling::pv_keys_many). No masked keys (the
 /// caller takes pv_by_rows for those). Each sum adds its keys in order, as pv_by_rows
 /// does, so the results are the same bits.
 /// spread: lines [spread_first, spread_first + spread_count) of other rows, requested
@@ -1199,6 +1205,18 @@ class FusedTask {
                         args_.v_scales ? args_.v_scales + scale_row : nullptr, v_stage, dim_padded_, stored_pages);
       }
 
+      // Only blocks crossing a row's causal edge or window start need masking.
+      const bool crosses_causal_edge = block + keys - 1 > first_pos;
+      const bool crosses_window_start = args_.window > 0 && block <= last_pos - args_.window;
+      const bool block_needs_mask = masked && (crosses_causal_edge || crosses_window_start);
+      // Many-row P.V over whole V rows (see Tiling::pv_keys_many).
+      const bool pv_whole_rows = Tiling<Isa>::pv_whole_rows_many && !by_dims && !block_needs_mask &&
+                                 (rows_padded / width) % 2 == 0;
+      // Of this block's V, a decode whose P.V reads whole rows requests every line during
+      // Q.K, spread over its tiles, so P.V finds V in L2 and the next block's K, which it
+      // requests in turn, has the DRAM to itself (see Tiling::pv_keys_many).
+      const bool v_whole_during_qk = pv_whole_rows && queries == 1;
+
       // The hardware prefetcher does not keep up with these strided row walks: tasks
       // request the next block's rows themselves, a key's rows per key processed, so
       // requests spread over the whole block. Few-row tasks that still request (see
@@ -1215,8 +1233,8 @@ class FusedTask {
       // calls, as when a model attends layer after layer, 1.652 -> 1.547, 1.585 -> 1.552,
       // 1.670 -> 1.624; 2 threads 0.752 -> 0.741; causal GQA-8 prefill of 2048 200.8 ->
       // 199.6). Whole rows stay: only their first lines took 1.91 against 1.70 ms with the
-      // K/V evicted. Of this block's V they fetch only
-      // the first line of each row during Q.K: P.V's passes over the keys go through V
+      // K/V evicted. Of this block's V they fetch only the first line of each row during
+      // Q.K (but see v_whole_during_qk above): P.V's passes over the keys go through V
       // one cache line (two or four dim tiles) at a time, and the first pass over each
       // line fetches the next one, just ahead of use, instead of the whole block arriving
       // at once during Q.K (MQA decode of 16384 keys, medians of 9-15 alternating runs
@@ -1238,25 +1256,19 @@ class FusedTask {
       // 8-32 keys ahead (GQA-8 4.9-5.4 -> 6.0-6.4 ms); one line per page (PageAhead) gains.
       // K and V read side by side (P.V of the previous block in 32-key tiles between Q.K
       // tiles of this one) took GQA-8 decode from 5.0 to 8.0 ms: one stream at a time.
-      // Only blocks crossing a row's causal edge or window start need masking.
-      const bool crosses_causal_edge = block + keys - 1 > first_pos;
-      const bool crosses_window_start = args_.window > 0 && block <= last_pos - args_.window;
-      const bool block_needs_mask = masked && (crosses_causal_edge || crosses_window_start);
-      // Many-row P.V over whole V rows (see Tiling::pv_keys_many).
-      const bool pv_whole_rows = Tiling<Isa>::pv_whole_rows_many && !by_dims && !block_needs_mask &&
-                                 (rows_padded / width) % 2 == 0;
-      // Of this block's V, a decode whose P.V reads whole rows requests every line during
-      // Q.K, spread over its tiles, so P.V finds V in L2 and the next block's K, which it
-      // requests in turn, has the DRAM to itself (see Tiling::pv_keys_many).
-      const bool v_whole_during_qk = pv_whole_rows && queries == 1;
       const bool request_ahead = !by_dims || (!Tiling<Isa>::many_registers && rows > 1);
       PrefetchRows during_qk, during_pv;
       if (k_rows != k_stage && request_ahead) {
         const int next_keys = int(std::clamp<std::ptrdiff_t>(stored_end - (block + key_block), 0, key_block));
         const std::ptrdiff_t stride = args_.kv_token_stride * std::ptrdiff_t(sizeof(KvT));
         const int lines = (head_dim * int(sizeof(KvT)) + 63) / 64;
-        const PrefetchRows next_k{reinterpret_cast<const char*>(k) + key_block * stride, stride, next_keys, lines};
-        const PrefetchRows next_v{reinterpret_cast<const char*>(v) + key_block * stride, stride, next_keys, lines};
+        // None past the segment's last block (whose next rows would lie past the arrays).
+        const PrefetchRows next_k = next_keys > 0 ? PrefetchRows{reinterpret_cast<const char*>(k) + key_block * stride,
+                                                                 stride, next_keys, lines}
+                                                  : PrefetchRows{};
+        const PrefetchRows next_v = next_keys > 0 ? PrefetchRows{reinterpret_cast<const char*>(v) + key_block * stride,
+                                                                 stride, next_keys, lines}
+                                                  : PrefetchRows{};
         const PrefetchRows this_v{reinterpret_cast<const char*>(v), stride, keys,
                                   by_dims || v_whole_during_qk ? lines : 1};
         during_qk = by_dims ? next_k : this_v;
@@ -1353,8 +1365,8 @@ class FusedTask {
         const int row_vecs = rows_padded / width;
         for (int j = 0; j < keys; j += tile_keys) {
           const int keys_now = std::min(tile_keys, keys - j);
-          // Whole V rows go out spread over a whole tile's passes (a burst of requests fills
-          // the core's miss buffers, see pv_by_rows); first lines, or a tail's, at once.
+          // Whole V rows go out spread over a whole tile's passes (see SpreadRequests);
+          // first lines, or a tail's, at once.
           const bool spread = v_whole_during_qk && keys_now == tile_keys;
           const int tile_lines = spread ? std::clamp(during_qk.keys - j, 0, keys_now) * during_qk.lines : 0;
           const int row_tiles = (row_vecs + tile_row_vecs - 1) / tile_row_vecs;
@@ -1493,23 +1505,25 @@ class FusedTask {
         using RowVecs = std::integral_constant<int, Tiling<Isa>::pv_row_vecs>;
         using Dims = std::integral_constant<int, Tiling<Isa>::pv_dims>;
         if (pv_whole_rows) {
-          // Tiles of pv_keys_many keys x two row vectors; each tile's pairs of row vectors
-          // take turns over its V rows, the later ones from L1. The next block's K goes
-          // out spread evenly over all of the block's passes.
-          constexpr int tile_keys = Tiling<Isa>::pv_keys_many;
-          const int key_tiles = (keys + tile_keys - 1) / tile_keys, row_pairs = row_vecs / 2;
-          const int lines = during_pv.keys * during_pv.lines;
-          const int share = (lines + key_tiles * row_pairs - 1) / (key_tiles * row_pairs);
-          int pass = 0;
-          for (int j = 0; j < keys; j += tile_keys)
-            with_tile_size<tile_keys>(keys - j, [&](auto keys_now) {
-              for (int rv = 0; rv < row_vecs; rv += 2, ++pass) {
-                const int first_line = pass * share;
-                pv_by_keys<Isa, 2, keys_now.value>(logits + std::ptrdiff_t(j) * rows_padded + rv * width, rows_padded,
-                                                   v_rows + j * row_stride, row_stride, head_dim, acc + rv * width,
-                                                   during_pv, first_line, std::clamp(lines - first_line, 0, share));
-              }
-            });
+          if constexpr (Tiling<Isa>::pv_whole_rows_many) {  // no instances for other ISAs
+            // Tiles of pv_keys_many keys x two row vectors; each tile's pairs of row vectors
+            // take turns over its V rows, the later ones from L1. The next block's K goes
+            // out spread evenly over all of the block's passes.
+            constexpr int tile_keys = Tiling<Isa>::pv_keys_many;
+            const int key_tiles = (keys + tile_keys - 1) / tile_keys, row_pairs = row_vecs / 2;
+            const int lines = during_pv.keys * during_pv.lines;
+            const int share = (lines + key_tiles * row_pairs - 1) / (key_tiles * row_pairs);
+            int pass = 0;
+            for (int j = 0; j < keys; j += tile_keys)
+              with_tile_size<tile_keys>(keys - j, [&](auto keys_now) {
+                for (int rv = 0; rv < row_vecs; rv += 2, ++pass) {
+                  const int first_line = pass * share;
+                  pv_by_keys<Isa, 2, keys_now.value>(logits + std::ptrdiff_t(j) * rows_padded + rv * width, rows_padded,
+                                                     v_rows + j * row_stride, row_stride, head_dim, acc + rv * width,
+                                                     during_pv, first_line, std::clamp(lines - first_line, 0, share));
+                }
+              });
+          }
         } else if (row_vecs == 1) {  // see Tiling::pv_dims_one_vec
           passes(One{}, OneVecDims{});
         } else {

@@ -30,6 +30,7 @@ KVHEADS_ALWAYS_INLINE void exp_mantissa_each(typename Isa::vec (&x)[N], const ty
   for (int i = 0; i < N; ++i) x[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.f));
 }
 
+/// exp_mantissa_each of one vector: returns p.
 template <class Isa>
 typename Isa::vec exp_mantissa(typename Isa::vec x, typename Isa::vec n) {
   typename Isa::vec xs[1] = {x};
@@ -60,9 +61,9 @@ typename Isa::vec exp(typename Isa::vec x) {
 }
 
 /// e^x per lane for x <= 0, of N vectors in place (see detail::exp_mantissa_each): the
-/// softmax's weights, exp(logit - running max). With no
-/// overflow to guard against and ldexp scaling by 2^n, it takes 12 vector operations on
-/// AVX-512 against exp's 19 (MQA decode's softmax phase: -24% time).
+/// softmax's weights, exp(logit - running max). With no overflow to guard against and
+/// ldexp scaling by 2^n, it takes 12 vector operations on AVX-512 against exp's 19 (MQA
+/// decode's softmax phase: -24% time).
 /// x >= -87.33654: bit for bit exp(x), so exp's error bound holds. Below, results are
 /// subnormal with |error| < 2^-125; x <= -104 (including -inf) gives exactly 0, so a
 /// masked key weighs exactly 0. NaN gives NaN. x > 0 is outside the contract.
