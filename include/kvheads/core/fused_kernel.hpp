@@ -701,9 +701,8 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
 /// stores, Keys broadcasts of V and Keys x RowVecs FMAs, the mirror image of qk_by_rows.
 /// So the pass reads its Keys V rows side by side, each whole and in order (as qk_by_rows
 /// reads K), where pv_by_rows reads a few dimensions of every key of the block (see
-/// Tiling::pv_keys_many). No masked keys (the
-/// caller takes pv_by_rows for those). Each sum adds its keys in order, as pv_by_rows
-/// does, so the results are the same bits.
+/// Tiling::pv_keys_many). No masked keys (the caller takes pv_by_rows for those). Each sum
+/// adds its keys in order, as pv_by_rows does, so the results are the same bits.
 /// spread: lines [spread_first, spread_first + spread_count) of other rows, requested
 /// evenly over the pass (see SpreadRequests).
 template <class Isa, int RowVecs, int Keys>
