@@ -428,7 +428,8 @@ struct Tiling {
   static constexpr int pages_ahead_few = 4;
   static_assert(key_block_many % qk_keys == 0, "whole tiles per full many-row block");
   static_assert(qk_keys_tail < qk_keys, "a tail tile is smaller than a whole one");
-  static_assert(key_block_many % pv_keys_many == 0, "whole pv_by_keys tiles per full many-row block");
+  static_assert(!pv_whole_rows_many || key_block_many % pv_keys_many == 0,
+                "whole pv_by_keys tiles per full many-row block");
   static_assert(key_block % width == 0 && key_block_many % width == 0 && key_block_few % width == 0,
                 "whole vectors of logits per block");
 };
