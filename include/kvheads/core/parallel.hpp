@@ -19,6 +19,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -28,6 +29,10 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define KVHEADS_HAVE_PTHREAD_ATFORK 1
 #endif
 
 namespace kvheads {
@@ -139,6 +144,14 @@ inline int usable_cpus() {
 }  // namespace detail
 
 /// A persistent pool of worker threads; attend() uses a process-wide default one, or one the user passes.
+///
+/// fork(): a child of a process that forked has only the thread that called fork(), not
+/// the pools' workers. Each pool with workers (the global one and the user's) takes them
+/// anew in the child, at its first job there, so the child keeps every thread of it. A
+/// fork waits for the jobs running on any pool to finish (pthread_atfork), so no pool's
+/// locks are held in the child; pool destructors in the child leave the parent's workers
+/// alone. Not supported: fork() from inside a task of a pool (attend's tasks call no user
+/// code), and a pool created or destroyed by a task while another thread forks.
 class ThreadPool {
  public:
   /// threads: total workers including the calling thread; 0 = the CPUs the constructing
@@ -149,19 +162,25 @@ class ThreadPool {
       detail::throw_invalid("ThreadPool threads (", threads, ") must be >= 0 (0 = hardware concurrency)");
     size_ = threads > 0 ? threads : detail::usable_cpus();
     if (size_ == 1) return;
-    wake_ = std::make_unique<std::condition_variable[]>(static_cast<std::size_t>(size_));
     shares_ = std::make_unique<detail::Share[]>(static_cast<std::size_t>(size_));
-    threads_.reserve(static_cast<std::size_t>(size_ - 1));
+    ForkGuard::add(this);
     try {
-      for (int id = 1; id < size_; ++id) threads_.emplace_back([this, id] { worker_main(id); });
+      start_workers();
     } catch (...) {
-      stop_workers();
+      ForkGuard::remove(this);
       throw;
     }
   }
 
   /// Joins the workers. No parallel_for may be running on this pool.
-  ~ThreadPool() { stop_workers(); }
+  ~ThreadPool() {
+    if (size_ == 1) return;
+    ForkGuard::remove(this);
+    if (inherited_)
+      ForkGuard::abandon(std::move(workers_));
+    else
+      stop_workers();
+  }
 
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -179,82 +198,176 @@ class ThreadPool {
  private:
   friend struct detail::PoolAccess;
 
+  // The worker threads and everything they wait on, in one object so that a child of
+  // fork() can leave the parent's whole set behind (its condition variables may list
+  // waiters that do not exist there) and start a fresh one.
+  struct Workers {
+    explicit Workers(int size) : wake(std::make_unique<std::condition_variable[]>(static_cast<std::size_t>(size))) {}
+    std::vector<std::thread> threads;                 // workers 1 .. size - 1
+    std::unique_ptr<std::condition_variable[]> wake;  // wake[id] wakes worker id
+    std::mutex mutex;                                 // guards the fields below and the waits
+    std::condition_variable done;                     // the last worker of a job -> its caller
+    std::atomic<std::uint64_t> generation{0};         // bumped per job (written under mutex)
+    detail::Job* job = nullptr;                       // the open job, if any
+    int job_workers = 0;
+    bool stop = false;
+  };
+
+  // The pthread_atfork handlers, over every pool with workers. Before a fork they take
+  // each pool's serial_ lock, so the fork waits for running jobs and no job is half done
+  // in the child; after it they release the locks, and in the child they mark every pool
+  // inherited_.
+  class ForkGuard {
+   public:
+    static void add(ThreadPool* pool) {
+      Registry& registry = get();
+      std::lock_guard<std::mutex> lock(registry.mutex);
+      registry.pools.push_back(pool);
+    }
+    static void remove(ThreadPool* pool) {
+      Registry& registry = get();
+      std::lock_guard<std::mutex> lock(registry.mutex);
+      registry.pools.erase(std::find(registry.pools.begin(), registry.pools.end(), pool));
+    }
+    // Keeps, never to be destroyed, the workers a child of fork() inherited: their threads
+    // are the parent's, so there is nothing to join, and their condition variables may list
+    // waiters that do not exist here. Kept reachable, so leak checkers do not report them.
+    static void abandon(std::unique_ptr<Workers> workers) noexcept {
+      Registry& registry = get();
+      std::lock_guard<std::mutex> lock(registry.mutex);
+      Workers* const kept = workers.release();
+      try {
+        registry.abandoned.push_back(kept);
+      } catch (...) {  // out of memory: it stays alive all the same, only unlisted
+      }
+    }
+
+   private:
+    struct Registry {
+      std::mutex mutex;
+      std::vector<ThreadPool*> pools;
+      std::vector<Workers*> abandoned;
+    };
+    // Created on first use with the handlers registered, and never destroyed, like global().
+    static Registry& get() {
+      static Registry* const registry = [] {
+#if defined(KVHEADS_HAVE_PTHREAD_ATFORK)
+        if (int error = pthread_atfork(&before_fork, &in_parent, &in_child); error != 0)
+          throw std::system_error(error, std::generic_category(), "kvheads ThreadPool: pthread_atfork");
+#endif
+        return new Registry;
+      }();
+      return *registry;
+    }
+    static void before_fork() {
+      Registry& registry = get();
+      registry.mutex.lock();
+      for (ThreadPool* pool : registry.pools) pool->serial_.lock();
+    }
+    static void in_parent() {
+      Registry& registry = get();
+      for (ThreadPool* pool : registry.pools) pool->serial_.unlock();
+      registry.mutex.unlock();
+    }
+    static void in_child() {
+      Registry& registry = get();
+      for (ThreadPool* pool : registry.pools) {
+        pool->inherited_ = true;
+        pool->serial_.unlock();
+      }
+      registry.mutex.unlock();
+    }
+  };
+
+  void start_workers() {
+    workers_ = std::make_unique<Workers>(size_);
+    workers_->threads.reserve(static_cast<std::size_t>(size_ - 1));
+    try {
+      for (int id = 1; id < size_; ++id) workers_->threads.emplace_back([w = workers_.get(), id] { worker_main(*w, id); });
+    } catch (...) {
+      stop_workers();  // a later job runs on the caller alone, claiming every task
+      throw;
+    }
+  }
+
   // Runs `job` on workers 0 (the caller) .. job.workers - 1, then rethrows the
   // first exception a task threw.
   void run(detail::Job& job) {
     {
       std::lock_guard<std::mutex> serial(serial_);
+      if (inherited_) {
+        // The first job in a child of fork(): the parent's workers are not here.
+        inherited_ = false;
+        ForkGuard::abandon(std::move(workers_));
+        start_workers();
+      }
+      Workers& w = *workers_;
       job.shares = shares_.get();
       job.divide();
       {
-        std::lock_guard<std::mutex> lock(mutex_);
-        job_ = &job;
-        job_workers_ = job.workers;
-        generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+        std::lock_guard<std::mutex> lock(w.mutex);
+        w.job = &job;
+        w.job_workers = job.workers;
+        w.generation.store(w.generation.load(std::memory_order_relaxed) + 1, std::memory_order_release);
       }
-      for (int id = 1; id < job.workers; ++id) wake_[static_cast<std::size_t>(id)].notify_one();
+      for (int id = 1; id < job.workers; ++id) w.wake[static_cast<std::size_t>(id)].notify_one();
       job.work(0);
       {
-        std::lock_guard<std::mutex> lock(mutex_);
-        job_ = nullptr;  // closed: no worker joins from here on
+        std::lock_guard<std::mutex> lock(w.mutex);
+        w.job = nullptr;  // closed: no worker joins from here on
       }
       const auto all_done = [&job] { return job.pending.load(std::memory_order_acquire) == 0; };
       if (!detail::spin_until(all_done)) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, all_done);
+        std::unique_lock<std::mutex> lock(w.mutex);
+        w.done.wait(lock, all_done);
       }
     }
     if (job.error) std::rethrow_exception(job.error);
   }
 
-  void worker_main(int id) {
+  static void worker_main(Workers& w, int id) {
     std::uint64_t seen = 0;
     for (;;) {
-      detail::spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      detail::spin_until([&] { return w.generation.load(std::memory_order_acquire) != seen; });
       detail::Job* job = nullptr;
       {
-        std::unique_lock<std::mutex> lock(mutex_);
+        std::unique_lock<std::mutex> lock(w.mutex);
         // Join only an open job that wants worker `id`; sleep through the rest.
-        wake_[static_cast<std::size_t>(id)].wait(lock, [&] {
-          return stop_ || (job_ != nullptr && generation_.load(std::memory_order_relaxed) != seen &&
-                           id < job_workers_);
+        w.wake[static_cast<std::size_t>(id)].wait(lock, [&] {
+          return w.stop ||
+                 (w.job != nullptr && w.generation.load(std::memory_order_relaxed) != seen && id < w.job_workers);
         });
-        if (stop_) return;
-        seen = generation_.load(std::memory_order_relaxed);
-        job = job_;
-        job->pending.fetch_add(1, std::memory_order_relaxed);  // under mutex_, so before any close
+        if (w.stop) return;
+        seen = w.generation.load(std::memory_order_relaxed);
+        job = w.job;
+        job->pending.fetch_add(1, std::memory_order_relaxed);  // under w.mutex, so before any close
       }
       job->work(id);
-      // After this decrement the caller may return and free `job`: touch only the pool.
+      // After this decrement the caller may return and free `job`: touch only `w`.
       // Reaching 0 before the job is closed only makes a spurious notification.
       if (job->pending.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        { std::lock_guard<std::mutex> lock(mutex_); }  // the caller is either not waiting yet or asleep
-        done_.notify_one();
+        { std::lock_guard<std::mutex> lock(w.mutex); }  // the caller is either not waiting yet or asleep
+        w.done.notify_one();
       }
     }
   }
 
   void stop_workers() {
+    Workers& w = *workers_;
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
+      std::lock_guard<std::mutex> lock(w.mutex);
+      w.stop = true;
     }
-    for (std::size_t id = 1; id <= threads_.size(); ++id) wake_[id].notify_one();
-    for (std::thread& thread : threads_) thread.join();
-    threads_.clear();
+    for (std::size_t id = 1; id <= w.threads.size(); ++id) w.wake[id].notify_one();
+    for (std::thread& thread : w.threads) thread.join();
+    w.threads.clear();
   }
 
   int size_ = 1;
-  std::vector<std::thread> threads_;                 // workers 1 .. size_ - 1
-  std::unique_ptr<std::condition_variable[]> wake_;  // wake_[id] wakes worker id
-  std::unique_ptr<detail::Share[]> shares_;          // one per worker, reused by every job (jobs are serialised)
-  std::mutex serial_;                                // one job at a time
-  std::mutex mutex_;                                 // guards the fields below and the waits
-  std::condition_variable done_;                     // the last worker of a job -> its caller
-  std::atomic<std::uint64_t> generation_{0};         // bumped per job (written under mutex_)
-  detail::Job* job_ = nullptr;                       // the open job, if any
-  int job_workers_ = 0;
-  bool stop_ = false;
+  std::unique_ptr<detail::Share[]> shares_;  // one per worker, reused by every job (jobs are serialised)
+  std::mutex serial_;                        // one job at a time
+  std::unique_ptr<Workers> workers_;         // none when size_ == 1
+  bool inherited_ = false;                   // set in a child of fork() (under serial_), until its first job
 };
 
 namespace detail {
