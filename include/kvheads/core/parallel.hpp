@@ -211,6 +211,7 @@ class ThreadPool {
     detail::Job* job = nullptr;                       // the open job, if any
     int job_workers = 0;
     bool stop = false;
+    Workers* next_abandoned = nullptr;  // see ForkGuard::abandon
   };
 
   // The pthread_atfork handlers, over every pool with workers. Before a fork they take
@@ -232,13 +233,14 @@ class ThreadPool {
     // Keeps, never to be destroyed, the workers a child of fork() inherited: their threads
     // are the parent's, so there is nothing to join, and their condition variables may list
     // waiters that do not exist here. Kept reachable, so leak checkers do not report them.
+    // A lock-free list: run() calls this holding serial_, which before_fork() takes after
+    // the registry's mutex, so taking that mutex here could deadlock with a fork.
     static void abandon(std::unique_ptr<Workers> workers) noexcept {
-      Registry& registry = get();
-      std::lock_guard<std::mutex> lock(registry.mutex);
+      static std::atomic<Workers*> abandoned{nullptr};
       Workers* const kept = workers.release();
-      try {
-        registry.abandoned.push_back(kept);
-      } catch (...) {  // out of memory: it stays alive all the same, only unlisted
+      kept->next_abandoned = abandoned.load(std::memory_order_relaxed);
+      while (!abandoned.compare_exchange_weak(kept->next_abandoned, kept, std::memory_order_release,
+                                              std::memory_order_relaxed)) {
       }
     }
 
@@ -246,7 +248,6 @@ class ThreadPool {
     struct Registry {
       std::mutex mutex;
       std::vector<ThreadPool*> pools;
-      std::vector<Workers*> abandoned;
     };
     // Created on first use with the handlers registered, and never destroyed, like global().
     static Registry& get() {
