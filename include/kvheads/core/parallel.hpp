@@ -30,9 +30,11 @@
 #if defined(__linux__)
 #include <sched.h>
 #endif
-#if defined(__unix__) || defined(__APPLE__)
+// KVHEADS_NO_FORK_HANDLERS: no pthread_atfork handlers (see ThreadPool on fork()); a child
+// of fork() must then not use a pool that was running a job when the parent forked.
+#if (defined(__unix__) || defined(__APPLE__)) && !defined(KVHEADS_NO_FORK_HANDLERS)
 #include <pthread.h>
-#define KVHEADS_HAVE_PTHREAD_ATFORK 1
+#define KVHEADS_DETAIL_FORK_HANDLERS 1
 #endif
 
 namespace kvheads {
@@ -151,7 +153,9 @@ inline int usable_cpus() {
 /// fork waits for the jobs running on any pool to finish (pthread_atfork), so no pool's
 /// locks are held in the child; pool destructors in the child leave the parent's workers
 /// alone. Not supported: fork() from inside a task of a pool (attend's tasks call no user
-/// code), and a pool created or destroyed by a task while another thread forks.
+/// code), a pool created or destroyed by a task while another thread forks, and a fork
+/// while another thread creates the global pool (the child inherits its creation half
+/// done). KVHEADS_NO_FORK_HANDLERS leaves the handlers out.
 class ThreadPool {
  public:
   /// threads: total workers including the calling thread; 0 = the CPUs the constructing
@@ -165,7 +169,7 @@ class ThreadPool {
     shares_ = std::make_unique<detail::Share[]>(static_cast<std::size_t>(size_));
     ForkGuard::add(this);
     try {
-      start_workers();
+      workers_ = start_workers();
     } catch (...) {
       ForkGuard::remove(this);
       throw;
@@ -179,7 +183,7 @@ class ThreadPool {
     if (inherited_)
       ForkGuard::abandon(std::move(workers_));
     else
-      stop_workers();
+      stop_workers(*workers_);
   }
 
   ThreadPool(const ThreadPool&) = delete;
@@ -252,43 +256,66 @@ class ThreadPool {
     // Created on first use with the handlers registered, and never destroyed, like global().
     static Registry& get() {
       static Registry* const registry = [] {
-#if defined(KVHEADS_HAVE_PTHREAD_ATFORK)
+        auto made = std::make_unique<Registry>();
+#if defined(KVHEADS_DETAIL_FORK_HANDLERS)
         if (int error = pthread_atfork(&before_fork, &in_parent, &in_child); error != 0)
           throw std::system_error(error, std::generic_category(), "kvheads ThreadPool: pthread_atfork");
 #endif
-        return new Registry;
+        published().store(made.get(), std::memory_order_release);
+        return made.release();
       }();
       return *registry;
     }
-    static void before_fork() {
-      Registry& registry = get();
-      registry.mutex.lock();
-      for (ThreadPool* pool : registry.pools) pool->serial_.lock();
+    // The registry as the handlers see it: they must not wait on get()'s initialisation,
+    // which may be registering them, holding glibc's lock on the handler list, while a
+    // fork runs them. Null until the handlers are registered.
+    static std::atomic<Registry*>& published() {
+      static std::atomic<Registry*> registry{nullptr};
+      return registry;
     }
-    static void in_parent() {
-      Registry& registry = get();
-      for (ThreadPool* pool : registry.pools) pool->serial_.unlock();
-      registry.mutex.unlock();
+    // What before_fork() locked, for the after-fork handler of the same thread (the child's
+    // one thread is a copy of it): the registry may be published in between.
+    static Registry*& locked() {
+      static thread_local Registry* registry = nullptr;
+      return registry;
     }
-    static void in_child() {
-      Registry& registry = get();
-      for (ThreadPool* pool : registry.pools) {
+    static void before_fork() noexcept {
+      Registry* const registry = published().load(std::memory_order_acquire);
+      locked() = registry;
+      if (!registry) return;
+      registry->mutex.lock();
+      for (ThreadPool* pool : registry->pools) pool->serial_.lock();
+    }
+    static void in_parent() noexcept {
+      Registry* const registry = locked();
+      if (!registry) return;
+      for (ThreadPool* pool : registry->pools) pool->serial_.unlock();
+      registry->mutex.unlock();
+    }
+    static void in_child() noexcept {
+      Registry* const registry = locked();
+      if (!registry) return;
+      for (ThreadPool* pool : registry->pools) {
         pool->inherited_ = true;
         pool->serial_.unlock();
       }
-      registry.mutex.unlock();
+      registry->mutex.unlock();
     }
   };
 
-  void start_workers() {
-    workers_ = std::make_unique<Workers>(size_);
-    workers_->threads.reserve(static_cast<std::size_t>(size_ - 1));
+  // A new set of workers 1 .. size_ - 1, running; if one cannot start, those started are
+  // joined and the exception propagates.
+  std::unique_ptr<Workers> start_workers() const {
+    auto workers = std::make_unique<Workers>(size_);
+    workers->threads.reserve(static_cast<std::size_t>(size_ - 1));
     try {
-      for (int id = 1; id < size_; ++id) workers_->threads.emplace_back([w = workers_.get(), id] { worker_main(*w, id); });
+      for (int id = 1; id < size_; ++id)
+        workers->threads.emplace_back([w = workers.get(), id] { worker_main(*w, id); });
     } catch (...) {
-      stop_workers();  // a later job runs on the caller alone, claiming every task
+      stop_workers(*workers);
       throw;
     }
+    return workers;
   }
 
   // Runs `job` on workers 0 (the caller) .. job.workers - 1, then rethrows the
@@ -297,10 +324,11 @@ class ThreadPool {
     {
       std::lock_guard<std::mutex> serial(serial_);
       if (inherited_) {
-        // The first job in a child of fork(): the parent's workers are not here.
+        // The first job in a child of fork(): the parent's workers are not here. If new
+        // ones cannot start, the pool stays as it was and the next job tries again.
+        std::unique_ptr<Workers> fresh = start_workers();
+        ForkGuard::abandon(std::exchange(workers_, std::move(fresh)));
         inherited_ = false;
-        ForkGuard::abandon(std::move(workers_));
-        start_workers();
       }
       Workers& w = *workers_;
       job.shares = shares_.get();
@@ -353,8 +381,7 @@ class ThreadPool {
     }
   }
 
-  void stop_workers() {
-    Workers& w = *workers_;
+  static void stop_workers(Workers& w) {
     {
       std::lock_guard<std::mutex> lock(w.mutex);
       w.stop = true;
