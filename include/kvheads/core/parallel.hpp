@@ -10,6 +10,9 @@
 // reported. A parallel_for made from inside a task (on any pool) runs inline on
 // the calling thread as worker 0: nested calls never wait on a pool, so they
 // cannot deadlock.
+//
+// OpenMP: in a program built with OpenMP (see OpenMpRuntime), the global pool starts no
+// threads of its own and runs each job on an OpenMP team instead.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -35,6 +38,13 @@
 #if (defined(__unix__) || defined(__APPLE__)) && !defined(KVHEADS_NO_FORK_HANDLERS)
 #include <pthread.h>
 #define KVHEADS_DETAIL_FORK_HANDLERS 1
+#endif
+// KVHEADS_NO_OPENMP: this file does not offer OpenMP to the global pool even when built
+// with it (the pool then uses OpenMP only if another file of the program offers it).
+// OpenMP 3.0 (200805) or later: omp_get_active_level and omp_get_max_active_levels.
+#if defined(_OPENMP) && _OPENMP >= 200805 && !defined(KVHEADS_NO_OPENMP)
+#include <omp.h>
+#define KVHEADS_DETAIL_OPENMP 1
 #endif
 
 namespace kvheads {
@@ -130,6 +140,40 @@ void call_erased(void* fn, std::ptrdiff_t task, int worker) {
   (*static_cast<F*>(fn))(task, worker);
 }
 
+/// The OpenMP runtime, as the global pool sees it. A program's files may be built with and
+/// without OpenMP (the kernels are often compiled once, in a file of their own), so every
+/// file must see the same pool code: it calls OpenMP only through these pointers. A file
+/// built with OpenMP defines the functions and stores them here while the program starts
+/// (openmp_offered); ThreadPool::global() reads them when it creates the pool, so a
+/// program with at least one such file runs the global pool on OpenMP, and one with none
+/// on kvheads' own threads.
+struct OpenMpRuntime {
+  /// The threads a parallel region started on this thread would get, at least 1:
+  /// omp_get_max_threads(), or 1 inside a parallel region when nesting is off.
+  int (*team_size)();
+  /// Runs job.work(thread) on every thread of a team of at most job.workers.
+  void (*run)(Job& job);
+};
+inline std::atomic<const OpenMpRuntime*>& openmp_runtime() {
+  static std::atomic<const OpenMpRuntime*> runtime{nullptr};
+  return runtime;
+}
+
+#if defined(KVHEADS_DETAIL_OPENMP)
+inline int openmp_team_size() {
+  if (omp_get_active_level() >= omp_get_max_active_levels()) return 1;
+  return std::max(1, omp_get_max_threads());
+}
+// A team smaller than job.workers (the runtime may grant fewer threads) still runs every
+// task: each thread takes the others' shares once its own is done.
+inline void openmp_run(Job& job) {
+#pragma omp parallel num_threads(job.workers)
+  job.work(omp_get_thread_num());
+}
+inline constexpr OpenMpRuntime openmp_functions{&openmp_team_size, &openmp_run};
+inline const bool openmp_offered = (openmp_runtime().store(&openmp_functions, std::memory_order_release), true);
+#endif
+
 /// The CPUs this thread may run on: its affinity mask on Linux (taskset, numactl, a
 /// container's cpuset), which std::thread::hardware_concurrency() ignores; elsewhere, or
 /// when the mask cannot be read, hardware_concurrency(). At least 1. CPU time quotas
@@ -189,13 +233,28 @@ class ThreadPool {
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  /// Most workers a parallel_for on this pool uses, including the caller.
-  int size() const { return size_; }
+  /// Most workers a parallel_for on this pool uses, including the caller. For a global
+  /// pool on OpenMP: the team a parallel region started on this thread would get now
+  /// (omp_get_max_threads(), so OMP_NUM_THREADS and omp_set_num_threads count; 1 inside a
+  /// parallel region unless nesting is on).
+  int size() const {
+    if (openmp_) return inherited_ ? in_child_of_fork().size() : openmp_->team_size();
+    return size_;
+  }
 
-  /// The process-wide pool (one worker per usable CPU, see the constructor), created on
-  /// first use and never destroyed, so it outlives every static object that might still use it.
+  /// The process-wide pool, created on first use and never destroyed, so it outlives every
+  /// static object that might still use it. If a file of the program built with OpenMP
+  /// includes kvheads (and does not define KVHEADS_NO_OPENMP), the pool runs its jobs on
+  /// OpenMP teams and starts no threads; otherwise it has one worker per usable CPU (see
+  /// the constructor). Jobs on OpenMP are not serialised: calls from several threads each
+  /// get their own team, as OpenMP gives them. In a child of fork() such a pool runs its
+  /// jobs on a pool of kvheads' own threads instead: GNU libgomp cannot start a team in
+  /// the child of a process that had started one (the child waits forever).
   static ThreadPool& global() {
-    static ThreadPool* const pool = new ThreadPool(0);
+    static ThreadPool* const pool = [] {
+      const detail::OpenMpRuntime* const openmp = detail::openmp_runtime().load(std::memory_order_acquire);
+      return openmp ? new ThreadPool(*openmp) : new ThreadPool(0);
+    }();
     return *pool;
   }
 
@@ -303,6 +362,37 @@ class ThreadPool {
     }
   };
 
+  // The global pool on OpenMP: no workers of its own. It joins the fork registry only to
+  // learn in a child that it is one (inherited_; before a fork its serial_, which OpenMP
+  // jobs never take, is free).
+  explicit ThreadPool(const detail::OpenMpRuntime& openmp) : openmp_(&openmp) { ForkGuard::add(this); }
+
+  // What the global pool on OpenMP runs on in a child of fork(), made there at its first
+  // use. inherited_ is set only while the child has one thread, so every thread reads it
+  // without a lock.
+  static ThreadPool& in_child_of_fork() {
+    static ThreadPool* const pool = new ThreadPool(0);
+    return *pool;
+  }
+
+  // A job on an OpenMP team. Concurrent jobs are allowed, so the shares are the calling
+  // thread's, reused call after call.
+  void run_on_openmp(detail::Job& job) const {
+    struct Shares {
+      std::unique_ptr<detail::Share[]> shares;
+      int count = 0;
+    };
+    thread_local Shares mine;
+    if (mine.count < job.workers) {
+      mine.shares = std::make_unique<detail::Share[]>(static_cast<std::size_t>(job.workers));
+      mine.count = job.workers;
+    }
+    job.shares = mine.shares.get();
+    job.divide();
+    openmp_->run(job);
+    if (job.error) std::rethrow_exception(job.error);
+  }
+
   // A new set of workers 1 .. size_ - 1, running; if one cannot start, those started are
   // joined and the exception propagates.
   std::unique_ptr<Workers> start_workers() const {
@@ -321,6 +411,7 @@ class ThreadPool {
   // Runs `job` on workers 0 (the caller) .. job.workers - 1, then rethrows the
   // first exception a task threw.
   void run(detail::Job& job) {
+    if (openmp_) return inherited_ ? in_child_of_fork().run(job) : run_on_openmp(job);
     {
       std::lock_guard<std::mutex> serial(serial_);
       if (inherited_) {
@@ -395,7 +486,8 @@ class ThreadPool {
   std::unique_ptr<detail::Share[]> shares_;  // one per worker, reused by every job (jobs are serialised)
   std::mutex serial_;                        // one job at a time
   std::unique_ptr<Workers> workers_;         // none when size_ == 1
-  bool inherited_ = false;                   // set in a child of fork() (under serial_), until its first job
+  bool inherited_ = false;  // set in a child of fork() (under serial_), until its first job (on OpenMP: for good)
+  const detail::OpenMpRuntime* openmp_ = nullptr;  // the global pool on OpenMP; then size_ is 1
 };
 
 namespace detail {
