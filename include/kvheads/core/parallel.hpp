@@ -12,7 +12,8 @@
 // cannot deadlock.
 //
 // OpenMP: in a program built with OpenMP (see OpenMpRuntime), the global pool starts no
-// threads of its own and runs each job on an OpenMP team instead.
+// threads of its own and runs each job on an OpenMP team instead; such jobs are not
+// serialised (each calling thread gets its own team, as OpenMP gives it).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -158,6 +159,14 @@ inline std::atomic<const OpenMpRuntime*>& openmp_runtime() {
   static std::atomic<const OpenMpRuntime*> runtime{nullptr};
   return runtime;
 }
+// True in a child of fork() (and its children) once a file built with OpenMP registered
+// the handler that sets it, at start-up: whether or not the global pool existed at the
+// fork, the parent may have started OpenMP teams of its own.
+inline std::atomic<bool>& forked_after_openmp() {
+  static std::atomic<bool> forked{false};
+  return forked;
+}
+inline void note_fork_in_child() noexcept { forked_after_openmp().store(true, std::memory_order_relaxed); }
 
 #if defined(KVHEADS_DETAIL_OPENMP)
 inline int openmp_team_size() {
@@ -171,7 +180,18 @@ inline void openmp_run(Job& job) {
   job.work(omp_get_thread_num());
 }
 inline constexpr OpenMpRuntime openmp_functions{&openmp_team_size, &openmp_run};
-inline const bool openmp_offered = (openmp_runtime().store(&openmp_functions, std::memory_order_release), true);
+// Offers the runtime to the global pool, with (once per program) the fork handler above;
+// if that handler cannot be registered, the pool keeps its own threads, which work in a
+// child of fork().
+inline bool offer_openmp() noexcept {
+#if defined(KVHEADS_DETAIL_FORK_HANDLERS)
+  static const bool child_handler = pthread_atfork(nullptr, nullptr, &note_fork_in_child) == 0;
+  if (!child_handler) return false;
+#endif
+  openmp_runtime().store(&openmp_functions, std::memory_order_release);
+  return true;
+}
+inline const bool openmp_offered = offer_openmp();
 #endif
 
 /// The CPUs this thread may run on: its affinity mask on Linux (taskset, numactl, a
@@ -238,7 +258,8 @@ class ThreadPool {
   /// (omp_get_max_threads(), so OMP_NUM_THREADS and omp_set_num_threads count; 1 inside a
   /// parallel region unless nesting is on).
   int size() const {
-    if (openmp_) return inherited_ ? in_child_of_fork().size() : openmp_->team_size();
+    if (openmp_) return detail::forked_after_openmp().load(std::memory_order_relaxed) ? in_child_of_fork().size()
+                                                                                     : openmp_->team_size();
     return size_;
   }
 
@@ -248,8 +269,9 @@ class ThreadPool {
   /// OpenMP teams and starts no threads; otherwise it has one worker per usable CPU (see
   /// the constructor). Jobs on OpenMP are not serialised: calls from several threads each
   /// get their own team, as OpenMP gives them. In a child of fork() such a pool runs its
-  /// jobs on a pool of kvheads' own threads instead: GNU libgomp cannot start a team in
-  /// the child of a process that had started one (the child waits forever).
+  /// jobs on a pool of kvheads' own threads instead, as many as a team would have had:
+  /// GNU libgomp cannot start a team in the child of a process that had started one (the
+  /// child waits forever).
   static ThreadPool& global() {
     static ThreadPool* const pool = [] {
       const detail::OpenMpRuntime* const openmp = detail::openmp_runtime().load(std::memory_order_acquire);
@@ -362,16 +384,14 @@ class ThreadPool {
     }
   };
 
-  // The global pool on OpenMP: no workers of its own. It joins the fork registry only to
-  // learn in a child that it is one (inherited_; before a fork its serial_, which OpenMP
-  // jobs never take, is free).
-  explicit ThreadPool(const detail::OpenMpRuntime& openmp) : openmp_(&openmp) { ForkGuard::add(this); }
+  // The global pool on OpenMP: no workers of its own.
+  explicit ThreadPool(const detail::OpenMpRuntime& openmp) : openmp_(&openmp) {}
 
   // What the global pool on OpenMP runs on in a child of fork(), made there at its first
-  // use. inherited_ is set only while the child has one thread, so every thread reads it
-  // without a lock.
-  static ThreadPool& in_child_of_fork() {
-    static ThreadPool* const pool = new ThreadPool(0);
+  // use, as many threads as a team would have had (OMP_NUM_THREADS=1 in a pre-forking
+  // server's workers stays 1). Reading that setting starts no team.
+  ThreadPool& in_child_of_fork() const {
+    static ThreadPool* const pool = new ThreadPool(openmp_->team_size());
     return *pool;
   }
 
@@ -411,7 +431,9 @@ class ThreadPool {
   // Runs `job` on workers 0 (the caller) .. job.workers - 1, then rethrows the
   // first exception a task threw.
   void run(detail::Job& job) {
-    if (openmp_) return inherited_ ? in_child_of_fork().run(job) : run_on_openmp(job);
+    if (openmp_)
+      return detail::forked_after_openmp().load(std::memory_order_relaxed) ? in_child_of_fork().run(job)
+                                                                            : run_on_openmp(job);
     {
       std::lock_guard<std::mutex> serial(serial_);
       if (inherited_) {
@@ -486,7 +508,7 @@ class ThreadPool {
   std::unique_ptr<detail::Share[]> shares_;  // one per worker, reused by every job (jobs are serialised)
   std::mutex serial_;                        // one job at a time
   std::unique_ptr<Workers> workers_;         // none when size_ == 1
-  bool inherited_ = false;  // set in a child of fork() (under serial_), until its first job (on OpenMP: for good)
+  bool inherited_ = false;                   // set in a child of fork() (under serial_), until its first job
   const detail::OpenMpRuntime* openmp_ = nullptr;  // the global pool on OpenMP; then size_ is 1
 };
 
