@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "test_support.hpp"
+#include "thread_test_support.hpp"
 
 using kvheads::AttentionOptions;
 using kvheads::ThreadPool;
@@ -39,26 +40,6 @@ std::vector<float> run(const Problem& problem, const AttentionOptions& options) 
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-// Whether `pool` runs two tasks at once: each of two tasks waits up to 5 s for the other
-// to start. On the caller alone, the first task gives up, and only then the second starts.
-bool runs_two_tasks_at_once(ThreadPool& pool) {
-  if (pool.size() < 2) return true;  // the global pool on a single CPU: nothing to check
-  std::atomic<int> started{0};
-  std::atomic<bool> met{true};
-  kvheads::detail::parallel_for(pool, 2, 2, [&](std::ptrdiff_t, int) {
-    started.fetch_add(1);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (started.load() < 2) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        met.store(false);
-        return;
-      }
-      std::this_thread::yield();
-    }
-  });
-  return met.load();
 }
 
 // What a child reports through its exit status.

@@ -1,6 +1,7 @@
 // ThreadPool and detail::parallel_for: every task exactly once, worker indices
 // exclusive and in range, exceptions, concurrent callers, nesting, pool sizes.
 #include "kvheads/core/parallel.hpp"
+#include "thread_test_support.hpp"
 
 #if defined(__linux__)
 #include <sched.h>
@@ -22,6 +23,7 @@ namespace {
 using kvheads::ThreadPool;
 using kvheads::detail::parallel_for;
 using kvheads::detail::workers_for;
+using kvheads_test::eventually;
 
 // Per-task run counts plus a per-worker "inside fn" flag that catches two
 // concurrent calls sharing a worker index.
@@ -71,17 +73,6 @@ void check_every_task_once(ThreadPool& pool, std::ptrdiff_t n_tasks, int threads
   CHECK_FALSE(recorder.bad_task.load());
   CHECK_FALSE(recorder.bad_worker.load());
   CHECK_FALSE(recorder.shared_worker.load());
-}
-
-// Busy-waits (yielding) until pred() holds or a generous timeout passes.
-template <class Pred>
-bool eventually(Pred pred) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::yield();
-  }
-  return true;
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../test_support.hpp"
+#include "../thread_test_support.hpp"
 
 namespace {
 
@@ -34,24 +35,6 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-// Whether two tasks on the global pool run at once (each waits up to 5 s for the other).
-bool two_tasks_at_once() {
-  std::atomic<int> started{0};
-  std::atomic<bool> met{true};
-  kvheads::detail::parallel_for(kvheads::ThreadPool::global(), 2, 2, [&](std::ptrdiff_t, int) {
-    started.fetch_add(1);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (started.load() < 2) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        met.store(false);
-        return;
-      }
-      std::this_thread::yield();
-    }
-  });
-  return met.load();
-}
-
 // Forks a child that checks the global pool's size, its threads and attend's bits
 // (expected[w - 1]: on w workers); returns whether the child exited with 0. The child's
 // team is what OpenMP says there: libgomp keeps the parent's omp_set_num_threads, LLVM's
@@ -65,7 +48,7 @@ bool child_passes(int parent_team, const kvheads_test::Problem& p, const std::ve
     int result = 0;
     const int team = omp_get_max_threads();
     if (kvheads::ThreadPool::global().size() != team) result |= 1;
-    if (team >= 2 && !two_tasks_at_once()) result |= 2;
+    if (!kvheads_test::runs_two_tasks_at_once(kvheads::ThreadPool::global())) result |= 2;
     if (!same_bits(attend_on(p, nullptr), expected[std::min(team, 2) - 1])) result |= 4;
     _exit(result);
   }

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../test_support.hpp"
+#include "../thread_test_support.hpp"
 
 using kvheads::AttentionOptions;
 using kvheads::HeadLayout;
@@ -45,16 +46,6 @@ class OmpThreads {
  private:
   int before_;
 };
-
-template <class Pred>
-bool eventually(Pred pred) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
@@ -275,13 +266,7 @@ TEST_CASE("in a child of fork() the global pool on OpenMP runs on threads of its
     int result = 0;
     ThreadPool& global = ThreadPool::global();
     if (global.size() != omp_get_max_threads()) result |= 1;  // reading the setting starts no team
-    std::atomic<int> started{0};
-    std::atomic<bool> met{true};
-    parallel_for(global, 2, 2, [&](std::ptrdiff_t, int) {
-      started.fetch_add(1);
-      if (!eventually([&] { return started.load() == 2; })) met.store(false);
-    });
-    if (global.size() >= 2 && !met.load()) result |= 2;
+    if (!runs_two_tasks_at_once(global)) result |= 2;
     for (int round = 0; round < 3; ++round)
       if (!same_bits(attend_plain<kvheads::simd::default_isa>(p, options), expected[std::min(global.size(), 2) - 1]))
         result |= 4;
