@@ -61,6 +61,18 @@ inline void check_lengths(int q_len, int kv_len) {
   if (kv_len < 0) throw_invalid("kv_len (", kv_len, ") must be >= 0");
 }
 
+/// Queries and outputs as the entry points take them: dense [q_len][q_heads][head_dim].
+template <class T>
+void set_dense_queries(AttendArgs<T>& args, const HeadLayout& layout, const float* q, float* out) {
+  args.layout = layout;
+  args.q = q;
+  args.q_token_stride = layout.q_width();
+  args.q_head_stride = layout.head_dim;
+  args.out = out;
+  args.out_token_stride = layout.q_width();
+  args.out_head_stride = layout.head_dim;
+}
+
 inline AttendArgs<float> plain_args(const float* q, const float* k, const float* v, float* out, int q_len, int kv_len,
                                     HeadLayout layout, const AttentionOptions& options, float* lse) {
   layout.validate();
@@ -70,13 +82,7 @@ inline AttendArgs<float> plain_args(const float* q, const float* k, const float*
   require_pointer(k, kv_len, "k");
   require_pointer(v, kv_len, "v");
   AttendArgs<float> args;
-  args.layout = layout;
-  args.q = q;
-  args.q_token_stride = layout.q_width();
-  args.q_head_stride = layout.head_dim;
-  args.out = out;
-  args.out_token_stride = layout.q_width();
-  args.out_head_stride = layout.head_dim;
+  set_dense_queries(args, layout, q, out);
   args.k = k;
   args.v = v;
   args.kv_token_stride = layout.kv_width();
@@ -149,13 +155,7 @@ AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, flo
   require_pointer(out, q_len, "out");
   const HeadLayout& layout = cache.layout();
   AttendArgs<T> args;
-  args.layout = layout;
-  args.q = q;
-  args.q_token_stride = layout.q_width();
-  args.q_head_stride = layout.head_dim;
-  args.out = out;
-  args.out_token_stride = layout.q_width();
-  args.out_head_stride = layout.head_dim;
+  set_dense_queries(args, layout, q, out);
   args.k = cache.keys();
   args.v = cache.values();
   args.kv_token_stride = cache.token_stride();
