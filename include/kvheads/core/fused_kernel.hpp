@@ -496,23 +496,23 @@ KVHEADS_NOINLINE void qk_by_rows(const float* qt, int rows_padded, const float* 
                                  float* logits, PrefetchRows spread = {}, int spread_first = 0, int spread_count = 0) {
   using V = typename Isa::vec;
   V acc[RowVecs][Keys];
-  for (int r = 0; r < RowVecs; ++r)
-    for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
+  KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r)
+    KVHEADS_UNROLL for (int j = 0; j < Keys; ++j) acc[r][j] = Isa::zero();
   SpreadRequests requests(spread, spread_first, spread_count, head_dim);
   for (int d = 0; d < head_dim; ++d) {
     requests.step(d);
     V q[RowVecs];
-    for (int r = 0; r < RowVecs; ++r) {
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) {
       q[r] = Isa::load(qt + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
       Isa::hold(q[r]);
     }
-    for (int j = 0; j < Keys; ++j) {
+    KVHEADS_UNROLL for (int j = 0; j < Keys; ++j) {
       const V key = Isa::broadcast(k[j * k_stride + d]);
-      for (int r = 0; r < RowVecs; ++r) acc[r][j] = Isa::fma(q[r], key, acc[r][j]);
+      KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) acc[r][j] = Isa::fma(q[r], key, acc[r][j]);
     }
   }
-  for (int j = 0; j < Keys; ++j)
-    for (int r = 0; r < RowVecs; ++r) Isa::store(logits + j * rows_padded + r * Isa::width, acc[r][j]);
+  KVHEADS_UNROLL for (int j = 0; j < Keys; ++j)
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) Isa::store(logits + j * rows_padded + r * Isa::width, acc[r][j]);
 }
 
 /// Q.K for few rows (fewer than half a vector): dot products vectorised over head_dim,
@@ -539,8 +539,8 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
   constexpr bool one_chain = Tiling<Isa>::dims_one_chain(Rows);
   const int dim_vecs = dim_padded.get() / width;
   V held[Rows][Held > 0 ? Held : 1];
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Held; ++c) {
+  KVHEADS_UNROLL for (int r = 0; r < Rows; ++r)
+    KVHEADS_UNROLL for (int c = 0; c < Held; ++c) {
       held[r][c] = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + c * width);
       Isa::hold(held[r][c]);
     }
@@ -566,12 +566,12 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
       pages.row(first);
       pages.row(second);
       V first_sums[Rows], second_sums[Rows];
-      for (int r = 0; r < Rows; ++r) first_sums[r] = second_sums[r] = Isa::zero();
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) first_sums[r] = second_sums[r] = Isa::zero();
       for (int c = 0; c < dim_vecs; ++c) {
         V first_vec = Isa::load(first + c * width), second_vec = Isa::load(second + c * width);
         Isa::hold(first_vec);
         Isa::hold(second_vec);
-        for (int r = 0; r < Rows; ++r) {
+        KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
           const V q = query_vec(r, c);
           first_sums[r] = Isa::fma(q, first_vec, first_sums[r]);
           second_sums[r] = Isa::fma(q, second_vec, second_sums[r]);
@@ -581,11 +581,11 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
       // from half a vector on.
       constexpr int half = width / 2;
       V inputs[width];
-      for (int i = 0; i < width; ++i)
+      KVHEADS_UNROLL for (int i = 0; i < width; ++i)
         inputs[i] = i < Rows ? first_sums[i] : i >= half && i < half + Rows ? second_sums[i - half] : Isa::zero();
       float sums[width];
       Isa::store(sums, Isa::reduce_sum_each(inputs));
-      for (int r = 0; r < Rows; ++r) {
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
         logits[std::ptrdiff_t(r) * row_stride + j] = sums[r];
         logits[std::ptrdiff_t(r) * row_stride + j + 1] = sums[half + r];
       }
@@ -601,11 +601,11 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
     // products are not one FMA latency per vector long; one (`even`) when enough rows
     // hide that latency (see Tiling::dims_one_chain).
     V even[Rows], odd[Rows];
-    for (int r = 0; r < Rows; ++r) even[r] = odd[r] = Isa::zero();
-    for (int c = 0; c < Held; ++c) {
+    KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) even[r] = odd[r] = Isa::zero();
+    KVHEADS_UNROLL for (int c = 0; c < Held; ++c) {
       V key_vec = Isa::load(key + c * width);
       Isa::hold(key_vec);  // one load per K vector, not one folded into each row's FMA
-      for (int r = 0; r < Rows; ++r) {
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
         V& sum = c % 2 && !one_chain ? odd[r] : even[r];
         sum = Isa::fma(held[r][c], key_vec, sum);
       }
@@ -613,7 +613,7 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
     const auto step = [&](int c, V* sums) {
       V key_vec = Isa::load(key + c * width);
       Isa::hold(key_vec);
-      for (int r = 0; r < Rows; ++r) {
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
         V q = Isa::load(q_rows + std::ptrdiff_t(r) * dim_padded.get() + c * width);
         Isa::hold(q);
         sums[r] = Isa::fma(q, key_vec, sums[r]);
@@ -629,17 +629,17 @@ KVHEADS_NOINLINE void qk_by_dims(const float* q_rows, DimPadded dim_padded, cons
         step(c + 1, Held % 2 ? even : odd);
       }
       if (c < dim_vecs) step(c, Held % 2 ? odd : even);
-      for (int r = 0; r < Rows; ++r) even[r] = Isa::add(even[r], odd[r]);
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) even[r] = Isa::add(even[r], odd[r]);
     }
     if constexpr (Tiling<Isa>::dims_reduce_each(Rows)) {
       static_assert(Rows <= width, "one reduce_sum_each per key");
       V padded[width];
-      for (int i = 0; i < width; ++i) padded[i] = i < Rows ? even[i] : Isa::zero();
+      KVHEADS_UNROLL for (int i = 0; i < width; ++i) padded[i] = i < Rows ? even[i] : Isa::zero();
       float sum[width];
       Isa::store(sum, Isa::reduce_sum_each(padded));
-      for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = sum[r];
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = sum[r];
     } else {
-      for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = Isa::reduce_sum(even[r]);
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) logits[std::ptrdiff_t(r) * row_stride + j] = Isa::reduce_sum(even[r]);
     }
   }
 }
@@ -673,27 +673,27 @@ KVHEADS_NOINLINE void pv_by_rows(const float* p, int rows_padded, const float* v
                        int spread_count = 0) {
   using V = typename Isa::vec;
   V acc[Dims][RowVecs];
-  for (int d = 0; d < Dims; ++d)
-    for (int r = 0; r < RowVecs; ++r) acc[d][r] = Isa::load(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
+  KVHEADS_UNROLL for (int d = 0; d < Dims; ++d)
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) acc[d][r] = Isa::load(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width);
   SpreadRequests requests(spread, spread_first, spread_count, keys);
   for (int j = 0; j < keys; ++j) {
     if (prefetch_rows) simd::prefetch(prefetch_rows + j * v_stride);
     requests.step(j);
     V weight[RowVecs];
-    for (int r = 0; r < RowVecs; ++r) {
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) {
       weight[r] = Isa::load(p + std::ptrdiff_t(j) * rows_padded + r * Isa::width);
       Isa::hold(weight[r]);
     }
-    for (int d = 0; d < Dims; ++d) {
+    KVHEADS_UNROLL for (int d = 0; d < Dims; ++d) {
       const V value = Isa::broadcast(v[j * v_stride + d]);
-      for (int r = 0; r < RowVecs; ++r) {
+      KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) {
         const V sum = Isa::fma(weight[r], value, acc[d][r]);
         acc[d][r] = SkipMasked ? Isa::select_less(weight[r], Isa::zero(), acc[d][r], sum) : sum;
       }
     }
   }
-  for (int d = 0; d < Dims; ++d)
-    for (int r = 0; r < RowVecs; ++r) Isa::store(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width, acc[d][r]);
+  KVHEADS_UNROLL for (int d = 0; d < Dims; ++d)
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) Isa::store(acc_t + std::ptrdiff_t(d) * rows_padded + r * Isa::width, acc[d][r]);
 }
 
 /// P.V for many rows over whole V rows: acc_t[d][rows] += sum_j p[j][rows] * v_j[d] for
@@ -711,8 +711,8 @@ KVHEADS_NOINLINE void pv_by_keys(const float* p, int rows_padded, const float* v
                                  float* acc_t, PrefetchRows spread = {}, int spread_first = 0, int spread_count = 0) {
   using V = typename Isa::vec;
   V weight[Keys][RowVecs];
-  for (int j = 0; j < Keys; ++j)
-    for (int r = 0; r < RowVecs; ++r) {
+  KVHEADS_UNROLL for (int j = 0; j < Keys; ++j)
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) {
       weight[j][r] = Isa::load(p + std::ptrdiff_t(j) * rows_padded + r * Isa::width);
       Isa::hold(weight[j][r]);
     }
@@ -721,12 +721,12 @@ KVHEADS_NOINLINE void pv_by_keys(const float* p, int rows_padded, const float* v
     requests.step(d);
     float* const out = acc_t + std::ptrdiff_t(d) * rows_padded;
     V sum[RowVecs];
-    for (int r = 0; r < RowVecs; ++r) sum[r] = Isa::load(out + r * Isa::width);
-    for (int j = 0; j < Keys; ++j) {
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) sum[r] = Isa::load(out + r * Isa::width);
+    KVHEADS_UNROLL for (int j = 0; j < Keys; ++j) {
       const V value = Isa::broadcast(v[j * v_stride + d]);
-      for (int r = 0; r < RowVecs; ++r) sum[r] = Isa::fma(weight[j][r], value, sum[r]);
+      KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) sum[r] = Isa::fma(weight[j][r], value, sum[r]);
     }
-    for (int r = 0; r < RowVecs; ++r) Isa::store(out + r * Isa::width, sum[r]);
+    KVHEADS_UNROLL for (int r = 0; r < RowVecs; ++r) Isa::store(out + r * Isa::width, sum[r]);
   }
 }
 
@@ -764,8 +764,8 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
   V acc[Rows][Chunks];
   float* const out_first = out + first_chunk * Isa::width;
   const float* const v_first = v + first_chunk * Isa::width;
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::load(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width);
+  KVHEADS_UNROLL for (int r = 0; r < Rows; ++r)
+    KVHEADS_UNROLL for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::load(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width);
   int j = 0;
   if constexpr (Rows == 1 && !SkipMasked) {
     // One row reading whole V rows with chunks accumulated in L1: two keys per step, so
@@ -779,8 +779,8 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
       const auto [first, second] = key_pair_rows(v_first, v_stride, j, ahead, pages);
       const V first_weight = Isa::broadcast(p[std::ptrdiff_t(j) * strides.key]);
       const V second_weight = Isa::broadcast(p[std::ptrdiff_t(j + 1) * strides.key]);
-      for (int c = 0; c < Chunks; ++c) acc[0][c] = Isa::fma(first_weight, Isa::load(first + c * Isa::width), acc[0][c]);
-      for (int c = 0; c < Chunks; ++c) acc[0][c] = Isa::fma(second_weight, Isa::load(second + c * Isa::width), acc[0][c]);
+      KVHEADS_UNROLL for (int c = 0; c < Chunks; ++c) acc[0][c] = Isa::fma(first_weight, Isa::load(first + c * Isa::width), acc[0][c]);
+      KVHEADS_UNROLL for (int c = 0; c < Chunks; ++c) acc[0][c] = Isa::fma(second_weight, Isa::load(second + c * Isa::width), acc[0][c]);
       for (int c = Chunks; c < Chunks + memory_chunks; ++c) {
         float* const o = out_first + c * Isa::width;
         const V sum = Isa::fma(first_weight, Isa::load(first + c * Isa::width), Isa::load(o));
@@ -794,17 +794,17 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
     if constexpr (Rows > 2 && !SkipMasked) {
       // Weights held, V one vector at a time: Rows x Chunks accumulators plus Rows + 1.
       V weight[Rows];
-      for (int r = 0; r < Rows; ++r)
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r)
         weight[r] = Isa::broadcast(p[std::ptrdiff_t(j) * strides.key + std::ptrdiff_t(r) * strides.row]);
-      for (int c = 0; c < Chunks; ++c) {
+      KVHEADS_UNROLL for (int c = 0; c < Chunks; ++c) {
         V value = Isa::load(v_first + j * v_stride + c * Isa::width);
         Isa::hold(value);
-        for (int r = 0; r < Rows; ++r) acc[r][c] = Isa::fma(weight[r], value, acc[r][c]);
+        KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) acc[r][c] = Isa::fma(weight[r], value, acc[r][c]);
       }
       for (int c = Chunks; c < Chunks + memory_chunks; ++c) {
         V value = Isa::load(v_first + j * v_stride + c * Isa::width);
         Isa::hold(value);
-        for (int r = 0; r < Rows; ++r) {
+        KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
           float* const o = out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width;
           Isa::store(o, Isa::fma(weight[r], value, Isa::load(o)));
         }
@@ -812,23 +812,23 @@ inline void pv_tile(const float* p, LogitStrides strides, const float* v, std::p
       continue;
     }
     V value[Chunks];
-    for (int c = 0; c < Chunks; ++c) {
+    KVHEADS_UNROLL for (int c = 0; c < Chunks; ++c) {
       value[c] = Isa::load(v_first + j * v_stride + c * Isa::width);
       if constexpr (Rows > 1) Isa::hold(value[c]);  // one row: each load feeds one FMA, fold it in
     }
-    for (int r = 0; r < Rows; ++r) {
+    KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
       const float w = p[std::ptrdiff_t(j) * strides.key + std::ptrdiff_t(r) * strides.row];
       if (SkipMasked && w < 0.f) continue;
       const V weight = Isa::broadcast(w);
-      for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
+      KVHEADS_UNROLL for (int c = 0; c < Chunks; ++c) acc[r][c] = Isa::fma(weight, value[c], acc[r][c]);
       for (int c = Chunks; c < Chunks + memory_chunks; ++c) {
         float* const o = out_first + c * Isa::width;
         Isa::store(o, Isa::fma(weight, Isa::load(v_first + j * v_stride + c * Isa::width), Isa::load(o)));
       }
     }
   }
-  for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Chunks; ++c) Isa::store(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width, acc[r][c]);
+  KVHEADS_UNROLL for (int r = 0; r < Rows; ++r)
+    KVHEADS_UNROLL for (int c = 0; c < Chunks; ++c) Isa::store(out_first + std::ptrdiff_t(r) * dim_padded + c * Isa::width, acc[r][c]);
 }
 
 /// P.V of Rows rows in one pass over the keys, reading each V row whole and in order, two
@@ -848,7 +848,7 @@ inline void pv_rows_in_l1(const float* p, LogitStrides strides, const float* v, 
   for (; j + 2 <= keys; j += 2) {
     const auto [first, second] = key_pair_rows(v, v_stride, j, ahead, pages);
     V first_weight[Rows], second_weight[Rows];
-    for (int r = 0; r < Rows; ++r) {
+    KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
       first_weight[r] = weight(j, r);
       second_weight[r] = weight(j + 1, r);
     }
@@ -856,7 +856,7 @@ inline void pv_rows_in_l1(const float* p, LogitStrides strides, const float* v, 
       V first_value = Isa::load(first + c * Isa::width), second_value = Isa::load(second + c * Isa::width);
       Isa::hold(first_value);
       Isa::hold(second_value);
-      for (int r = 0; r < Rows; ++r) {
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
         float* const o = out + std::ptrdiff_t(r) * dim_padded + c * Isa::width;
         Isa::store(o, Isa::fma(second_weight[r], second_value, Isa::fma(first_weight[r], first_value, Isa::load(o))));
       }
@@ -867,11 +867,11 @@ inline void pv_rows_in_l1(const float* p, LogitStrides strides, const float* v, 
     const float* const row = v + j * v_stride;
     pages.row(row);
     V row_weight[Rows];
-    for (int r = 0; r < Rows; ++r) row_weight[r] = weight(j, r);
+    KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) row_weight[r] = weight(j, r);
     for (int c = 0; c < chunks; ++c) {
       V value = Isa::load(row + c * Isa::width);
       Isa::hold(value);
-      for (int r = 0; r < Rows; ++r) {
+      KVHEADS_UNROLL for (int r = 0; r < Rows; ++r) {
         float* const o = out + std::ptrdiff_t(r) * dim_padded + c * Isa::width;
         Isa::store(o, Isa::fma(row_weight[r], value, Isa::load(o)));
       }
@@ -1696,9 +1696,9 @@ class FusedTask {
     int i = 0;
     for (; i + at_once <= count; i += at_once) {
       V weight[at_once];
-      for (int k = 0; k < at_once; ++k) weight[k] = Isa::sub(Isa::load(first + (i + k) * stride), shift);
+      KVHEADS_UNROLL for (int k = 0; k < at_once; ++k) weight[k] = Isa::sub(Isa::load(first + (i + k) * stride), shift);
       simd::exp_nonpositive_each<Isa, at_once>(weight);
-      for (int k = 0; k < at_once; ++k) {
+      KVHEADS_UNROLL for (int k = 0; k < at_once; ++k) {
         Isa::store(first + (i + k) * stride, weight[k]);
         sum = Isa::add(sum, weight[k]);
       }
@@ -1743,15 +1743,15 @@ class FusedTask {
       // 11 alternating pinned runs: 1.407 -> 1.391 ms; 2 threads 0.732 -> 0.724).
       constexpr int chains = 4;
       V block_max[chains];
-      for (V& m : block_max) m = Isa::broadcast(neg_inf);
+      KVHEADS_UNROLL for (V& m : block_max) m = Isa::broadcast(neg_inf);
       int key = 0;
       for (; key + chains <= keys; key += chains)
-        for (int c = 0; c < chains; ++c)
+        KVHEADS_UNROLL for (int c = 0; c < chains; ++c)
           block_max[c] = Isa::max(block_max[c], Isa::load(logits + std::ptrdiff_t(key + c) * rows_padded + rv));
       for (; key < keys; ++key)
         block_max[0] = Isa::max(block_max[0], Isa::load(logits + std::ptrdiff_t(key) * rows_padded + rv));
       V new_max = old_max;
-      for (const V& m : block_max) new_max = Isa::max(new_max, m);
+      KVHEADS_UNROLL for (const V& m : block_max) new_max = Isa::max(new_max, m);
       // While a row has seen only masked keys its max is -inf; subtract 0 instead so
       // exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
       const V shift = Isa::select_less(new_max, lowest, Isa::zero(), new_max);

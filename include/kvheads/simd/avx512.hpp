@@ -77,15 +77,15 @@ struct avx512 {
     // After them, result lane 4k + m holds the sum of input 4m + k; reading the inputs in
     // that transposed order makes lane i the sum of in[i].
     vec halves[8], quarters[4], eighths[2];
-    for (int i = 0; i < 8; ++i) {
+    KVHEADS_UNROLL for (int i = 0; i < 8; ++i) {
       const vec a = in[transposed(2 * i)], b = in[transposed(2 * i + 1)];
       halves[i] = _mm512_add_ps(_mm512_mask_shuffle_f32x4(a, all, a, b, 0x44), _mm512_mask_shuffle_f32x4(a, all, a, b, 0xEE));
     }
-    for (int i = 0; i < 4; ++i) {
+    KVHEADS_UNROLL for (int i = 0; i < 4; ++i) {
       const vec a = halves[2 * i], b = halves[2 * i + 1];
       quarters[i] = _mm512_add_ps(_mm512_mask_shuffle_f32x4(a, all, a, b, 0x88), _mm512_mask_shuffle_f32x4(a, all, a, b, 0xDD));
     }
-    for (int i = 0; i < 2; ++i) {
+    KVHEADS_UNROLL for (int i = 0; i < 2; ++i) {
       const vec a = quarters[2 * i], b = quarters[2 * i + 1];
       eighths[i] = _mm512_add_ps(_mm512_mask_shuffle_ps(a, all, a, b, 0x44), _mm512_mask_shuffle_ps(a, all, a, b, 0xEE));
     }

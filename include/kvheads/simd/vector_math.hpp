@@ -16,18 +16,18 @@ KVHEADS_ALWAYS_INLINE void exp_mantissa_each(typename Isa::vec (&x)[N], const ty
   using V = typename Isa::vec;
   // x = n*ln2 + r with |r| <= ln2/2 (a little more when x*log2(e) rounds across a tie).
   // ln2 is split in two: ln2_hi has 9 significant bits, so x - n*ln2_hi is exact.
-  for (int i = 0; i < N; ++i) x[i] = Isa::fma(n[i], Isa::broadcast(-0.693359375f), x[i]);
-  for (int i = 0; i < N; ++i) x[i] = Isa::fma(n[i], Isa::broadcast(2.12194440e-4f), x[i]);
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) x[i] = Isa::fma(n[i], Isa::broadcast(-0.693359375f), x[i]);
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) x[i] = Isa::fma(n[i], Isa::broadcast(2.12194440e-4f), x[i]);
   // e^r ~ 1 + r + r^2 (c2 + c3 r + ... + c6 r^4): c2..c6 minimise the max relative
   // error on |r| <= 0.3468 (weighted Remez exchange, 3.1e-9 with exact coefficients);
   // float rounding in the Horner steps dominates what is left.
   V p[N];
-  for (int i = 0; i < N; ++i) p[i] = Isa::fma(Isa::broadcast(1.381454058e-3f), x[i], Isa::broadcast(8.368745446e-3f));
-  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(4.166838899e-2f));
-  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.666652113e-1f));
-  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(4.999999404e-1f));
-  for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.f));
-  for (int i = 0; i < N; ++i) x[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.f));
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) p[i] = Isa::fma(Isa::broadcast(1.381454058e-3f), x[i], Isa::broadcast(8.368745446e-3f));
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(4.166838899e-2f));
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.666652113e-1f));
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(4.999999404e-1f));
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) p[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.f));
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) x[i] = Isa::fma(p[i], x[i], Isa::broadcast(1.f));
 }
 
 /// exp_mantissa_each of one vector: returns p.
@@ -73,12 +73,12 @@ KVHEADS_ALWAYS_INLINE void exp_nonpositive_each(typename Isa::vec (&x)[N]) {
   // e^-110 < 2^-158: 0 after ldexp on every ISA. max returns its second operand on NaN,
   // so a NaN x passes through (and -inf becomes -110).
   V n[N];
-  for (int i = 0; i < N; ++i) {
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) {
     x[i] = Isa::max(Isa::broadcast(-110.f), x[i]);
     n[i] = Isa::round(Isa::mul(x[i], Isa::broadcast(1.44269504088896341f)));
   }
   detail::exp_mantissa_each<Isa, N>(x, n);
-  for (int i = 0; i < N; ++i) x[i] = Isa::ldexp(x[i], n[i]);
+  KVHEADS_UNROLL for (int i = 0; i < N; ++i) x[i] = Isa::ldexp(x[i], n[i]);
 }
 
 /// exp_nonpositive of one vector.

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kvheads/simd/register_hint.hpp"
 #include "kvheads/storage_types.hpp"
 
 namespace kvheads::simd {
@@ -31,7 +32,7 @@ struct has_load_i8<Isa, std::void_t<decltype(static_cast<void>(Isa::load_i8(stat
 template <class Isa, class T, class Convert>
 typename Isa::vec widen_lanes(const T* p, Convert convert) {
   float lanes[Isa::width];
-  for (int i = 0; i < Isa::width; ++i) lanes[i] = convert(p[i]);
+  KVHEADS_UNROLL for (int i = 0; i < Isa::width; ++i) lanes[i] = convert(p[i]);
   return Isa::load(lanes);
 }
 }  // namespace detail
