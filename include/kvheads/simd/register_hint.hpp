@@ -32,9 +32,10 @@
 /// register tile's rows, keys or vectors). The tiles keep their accumulators in arrays,
 /// which become registers only once every loop over them is unrolled. g++ -O3 does that
 /// on its own, g++ -O2 (CMake's RelWithDebInfo, Debian's packaging default) did not, and
-/// left the accumulators on the stack: at -O2 against -O3, on Zen 2 (AVX2, 1 thread,
-/// 2048 keys, head_dim 128, q_heads 32), MQA decode took 2.5x as long, GQA-8 decode 1.45x
-/// and causal GQA-8 prefill of 512 2.4x. clang++ unrolls them at -O2 already.
+/// left the accumulators on the stack. bench_attend at -O2 without and with it, Zen 2
+/// (AVX2), 16384 keys: MQA decode 1.87-1.95x the time, GQA-8 1.21-1.37x, MHA 1.16-1.18x,
+/// causal GQA-8 prefill 1.85-1.96x; with it, -O2 runs as fast as -O3. clang++ unrolls
+/// these loops at -O2 already (bench/PERFORMANCE_LOG.md, 2026-12-05 midday).
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
 #define KVHEADS_UNROLL _Pragma("GCC unroll 32")
 #else
