@@ -33,9 +33,10 @@
 /// which become registers only once every loop over them is unrolled. g++ -O3 does that
 /// on its own, g++ -O2 (CMake's RelWithDebInfo, Debian's packaging default) did not, and
 /// left the accumulators on the stack. bench_attend at -O2 without and with it, Zen 2
-/// (AVX2), 16384 keys: MQA decode 1.87-1.95x the time, GQA-8 1.21-1.37x, MHA 1.16-1.18x,
-/// causal GQA-8 prefill 1.85-1.96x; with it, -O2 runs as fast as -O3. clang++ unrolls
-/// these loops at -O2 already (bench/PERFORMANCE_LOG.md, 2026-12-05 midday).
+/// (AVX2): decode of 16384 keys took MQA 1.87-1.95x the time, GQA-8 1.21-1.37x, MHA
+/// 1.16-1.18x, causal GQA-8 prefill of 512 and 2048 1.85-1.96x; with it, -O2 runs as fast
+/// as -O3. clang++ unrolls these loops at -O2 already (bench/PERFORMANCE_LOG.md, 2026-12-05
+/// midday).
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
 #define KVHEADS_UNROLL _Pragma("GCC unroll 32")
 #else
