@@ -123,7 +123,13 @@ class KvCache {
   }
 
   KvCache(const KvCache&) = default;
-  KvCache& operator=(const KvCache&) = default;
+  /// Strong guarantee: if copying throws (std::bad_alloc), this cache is left as it was.
+  KvCache& operator=(const KvCache& other) {
+    // Copy, then swap in by the noexcept move: a member-wise copy would set capacity_ before
+    // copying the planes, and a bad_alloc then would leave a capacity the planes do not have.
+    if (this != &other) *this = KvCache(other);
+    return *this;
+  }
   /// A moved-from cache is left empty, linear and of capacity 0 (same layout): append
   /// throws std::length_error, attend sees no keys, reserve() or assigning makes it usable.
   KvCache(KvCache&& other) noexcept

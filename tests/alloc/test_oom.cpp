@@ -184,6 +184,37 @@ TEST_CASE("attend() that runs out of memory throws std::bad_alloc and the next c
   }
 }
 
+TEST_CASE("a KvCache copy assignment that runs out of memory leaves the target as it was", "[oom][cache]") {
+  // The target is small and holds tokens; the source is larger (and a ring, so its window
+  // differs too). A member-wise copy that failed on the planes left the target claiming
+  // the source's capacity over its own smaller planes, and the next append wrote past them.
+  const HeadLayout layout{4, 2, 8};
+  KvCache<float> source = KvCache<float>::ring(layout, 64, 2);
+  std::vector<float> kv(std::size_t(70) * layout.kv_width());
+  for (std::size_t i = 0; i < kv.size(); ++i) kv[i] = float(i % 13) - 6.f;
+  source.append(kv.data(), kv.data(), 70);
+  int failures = 0;
+  for (long n = 0;; ++n) {
+    KvCache<float> target(layout, 4);
+    target.append(kv.data(), kv.data(), 2);
+    const CacheState before = state_of(target);
+    bool threw = false;
+    if (!fail_nth_allocation(n, [&] { target = source; }, threw)) {
+      CHECK(same(state_of(target), state_of(source)));
+      break;
+    }
+    INFO("allocation " << n << " fails");
+    CHECK(threw);
+    CHECK(same(state_of(target), before));
+    CHECK(target.capacity() == 4);
+    CHECK(target.window() == 0);
+    target.append(kv.data(), kv.data(), 2);  // in bounds: ASan would catch a write past the planes
+    CHECK(target.size() == 4);
+    ++failures;
+  }
+  CHECK(failures >= 2);  // both planes' allocations were made to fail
+}
+
 TEST_CASE("per-thread scratch grows to the size asked for, not twice the old one", "[oom][memory]") {
   // README "Memory": a plain-memory prefill keeps 2 x kv_len x kv_heads x head_dim floats of
   // staging; growing that from 4000 to 5000 keys must not allocate (and keep) 8000 keys' worth.
