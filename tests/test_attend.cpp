@@ -346,3 +346,39 @@ TEST_CASE("attend runs on a pool the caller passes in", "[attend][threads]") {
     CHECK(relative_error(out, p.reference(options)) <= tolerance);
   }
 }
+
+TEMPLATE_LIST_TEST_CASE("every ISA attends in place (out == q) exactly as into separate memory", "[attend][isa][alias]",
+                        kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  // The entry points document out == q as allowed: every output row is written after the
+  // last read of its own query row, on every path. Decode split over threads (merged
+  // after all tasks), prefill with and without head-major staging, plain memory and cache.
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 33}, HeadLayout{8, 2, 64}, HeadLayout{8, 1, 16}})
+    for (const auto& lengths : std::vector<std::pair<int, int>>{{1, 2000}, {2, 17}, {130, 130}, {70, 1001}})
+      for (int threads : {1, 2})
+        for (std::size_t staging : {std::size_t(0), std::size_t(-1)}) {
+          const int q_len = lengths.first, kv_len = lengths.second;
+          AttentionOptions options;
+          options.causal = true;
+          options.threads = threads;
+          INFO(describe(layout, q_len, kv_len, options) << " isa " << Isa::name << " staging " << (staging == 0));
+          const StagingThreshold threshold(staging);
+          const Problem p(layout, q_len, kv_len, std::uint32_t(q_len * 7 + layout.kv_heads));
+          std::vector<float> separate(p.out_size(), -1.f);
+          kvheads::attend<Isa>(p.q.data(), p.k.data(), p.v.data(), separate.data(), q_len, kv_len, layout, options);
+          std::vector<float> in_place = p.q;
+          kvheads::attend<Isa>(in_place.data(), p.k.data(), p.v.data(), in_place.data(), q_len, kv_len, layout, options);
+          CHECK(in_place == separate);
+
+          kvheads::KvCache<float> cache(layout, kv_len);
+          cache.append(p.k.data(), p.v.data(), kv_len);
+          std::vector<float> cached_separate(p.out_size(), -1.f);
+          kvheads::attend<Isa>(p.q.data(), q_len, cache, cached_separate.data(), options);
+          std::vector<float> cached_in_place = p.q;
+          kvheads::attend<Isa>(cached_in_place.data(), q_len, cache, cached_in_place.data(), options);
+          CHECK(cached_in_place == cached_separate);
+          if (threads == 1 && staging == 0)
+            CHECK(relative_error(separate, p.reference(options)) <= tolerance);
+        }
+}

@@ -206,7 +206,23 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
         plain(which, q.data(), k.data(), v.data(), nullptr, 3, 2));
     for (const auto& [options, message] : bad_options())
       add(e, "options: " + message, message, plain(which, q.data(), k.data(), v.data(), out.data(), 1, 2, options));
+    // An output sharing memory with an input would race with the reads (a wrong answer).
+    // out == q is allowed (in place); out inside k or v, or over part of q, is not.
+    add(e, "out == k", "out (", plain(which, q.data(), k.data(), v.data(), k.data(), 1, 2));
+    add(e, "out inside k", "overlaps k (", plain(which, q.data(), k.data(), v.data(), k.data() + 20, 1, 2));
+    add(e, "out ending inside v", "out must not share memory with v",
+        plain(which, q.data(), k.data(), v.data(), v.data() - 31, 1, 2));
+    add(e, "out over part of q", "overlaps q (", plain(which, q.data(), k.data(), v.data(), q.data() + 8, 2, 2));
+    add(e, "q over part of out", "unless it is exactly the same array",
+        plain(which, out.data() + 32, k.data(), v.data(), out.data(), 2, 2));
   }
+  add("attend<default_isa> (plain, lse)", "lse inside out", "lse (", [&] {
+    kvheads::attend<kvheads::simd::default_isa>(q.data(), k.data(), v.data(), out.data(), 2, 2, layout, {},
+                                                out.data() + 60);
+  });
+  add("attend<default_isa> (plain, lse)", "lse inside k", "lse must not share memory with k", [&] {
+    kvheads::attend<kvheads::simd::default_isa>(q.data(), k.data(), v.data(), out.data(), 1, 2, layout, {}, k.data());
+  });
 
   // --- attend on a cache --------------------------------------------------------------------
   KvCache<float> cache(layout, 4);
@@ -236,6 +252,8 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     add(e, "q_len INT_MAX", "q_len (2147483647) must not exceed", cached(which, q.data(), INT_MAX, out.data()));
     add(e, "q null", "q is null but its length is 2", cached(which, nullptr, 2, out.data()));
     add(e, "out null", "out is null but its length is 2", cached(which, q.data(), 2, nullptr));
+    add(e, "out over part of q", "out must not share memory with q unless it is exactly the same array",
+        cached(which, q.data(), 2, q.data() + 1));
     for (const auto& [options, message] : bad_options())
       add(e, "options: " + message, message, cached(which, q.data(), 1, out.data(), options));
   }
@@ -270,6 +288,22 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
                                                          {q.data(), 1, &other_layout, out.data(), nullptr}};
         kvheads::attend(items);
       });
+  // Items may share a q (read only); one item's out or lse may not touch another's arrays.
+  add("attend (batch)", "two items writing one out", "].out overlaps items[", [&] {
+    std::vector<kvheads::AttendItem<float>> items = {{q.data(), 1, &cache, out.data(), nullptr},
+                                                     {q.data(), 1, &cache, out.data(), nullptr}};
+    kvheads::attend(items);
+  });
+  add("attend (batch)", "an out inside another item's q", "items[1].out overlaps items[0].q", [&] {
+    std::vector<kvheads::AttendItem<float>> items = {{q.data(), 2, &cache, out.data(), nullptr},
+                                                     {q.data() + 256, 1, &cache, q.data() + 40, nullptr}};
+    kvheads::attend(items);
+  });
+  add("attend (batch)", "an lse inside another item's out", "items[0].out overlaps items[1].lse", [&] {
+    std::vector<kvheads::AttendItem<float>> items = {{q.data(), 1, &cache, out.data(), nullptr},
+                                                     {q.data(), 1, &cache, out.data() + 64, out.data() + 10}};
+    kvheads::attend(items);
+  });
   add("attend (batch)", "an item's q_len above its cache's size", "q_len (5) must not exceed the cache's size (3)", [&] {
     std::vector<kvheads::AttendItem<float>> items = {{q.data(), 5, &cache, out.data(), nullptr}};
     kvheads::attend(items);
@@ -391,6 +425,11 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   add("Attention::set_rope", "rotary_dim -2", "rope rotary_dim (-2) must be >= 0", [&] { layer.set_rope(rope(1e4f, -2)); });
   add("Attention::set_rope", "rotary_dim above head_dim", "rope rotary_dim (10) must be at most head_dim (8)",
       [&] { layer.set_rope(rope(1e4f, 10)); });
+  add("Attention::set_rope", "layout 7", "rope layout (7) must be RopeLayout::half_split (0) or", [&] {
+    kvheads::RopeOptions r = rope(1e4f, 0);
+    r.layout = static_cast<kvheads::RopeLayout>(7);
+    layer.set_rope(r);
+  });
   add("Attention::set_rope", "odd rotary_dim", "rope rotary_dim (3) must be even", [&] { layer.set_rope(rope(1e4f, 3)); });
   add("Attention::set_rope", "odd head_dim with rotary_dim 0", "head_dim = 7", [] {
     kvheads::Attention<float>(16, HeadLayout{2, 1, 7}).set_rope([] {
@@ -571,4 +610,71 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
   }
   INFO(rows.size() << " rows");
   CHECK(rows.size() > 200);
+}
+
+TEST_CASE("bf16 and fp16 caches refuse a finite value that would round to inf, and stay unchanged", "[errors][cache]") {
+  // Stored as inf, such a key makes 0 * inf = NaN in every query that sees the token; a
+  // float cache holds it and gives a finite answer. Non-finite inputs are stored as given.
+  const HeadLayout layout{4, 2, 8};
+  const auto check = [&](auto storage, float limit, const char* message) {
+    using T = decltype(storage);
+    KvCache<T> cache(layout, 8);
+    std::vector<float> k(3 * 16, 0.5f), v(3 * 16, -0.25f);
+    cache.append(k.data(), v.data(), 2);
+    const auto read = [&] {
+      std::vector<float> all;
+      for (long long p = 0; p < cache.position(); ++p)
+        for (int h = 0; h < layout.kv_heads; ++h) {
+          float kk[8], vv[8];
+          cache.read_token(p, h, kk, vv);
+          all.insert(all.end(), kk, kk + 8);
+          all.insert(all.end(), vv, vv + 8);
+        }
+      return all;
+    };
+    const std::vector<float> before = read();
+    for (float bad : {limit, -limit, std::numeric_limits<float>::max()}) {
+      std::vector<float> bad_v = v;
+      bad_v[2 * 16 + 8 + 5] = bad;  // token 2, kv head 1, dim 5
+      INFO(bad);
+      REQUIRE_THROWS_AS(cache.append(k.data(), bad_v.data(), 3), std::invalid_argument);
+      REQUIRE_THROWS_WITH(cache.append(k.data(), bad_v.data(), 3),
+                          Catch::Matchers::Contains("v[token 2][kv head 1][dim 5]") &&
+                              Catch::Matchers::Contains(message));
+      CHECK(cache.size() == 2);
+      CHECK(cache.position() == 2);
+      CHECK(read() == before);
+    }
+    // Just below the limit rounds to the largest finite value; inf and NaN pass as given.
+    std::vector<float> edge_k = k;
+    edge_k[0] = std::nextafter(limit, 0.f);
+    edge_k[1] = std::numeric_limits<float>::infinity();
+    edge_k[2] = std::numeric_limits<float>::quiet_NaN();
+    cache.append(edge_k.data(), v.data(), 1);
+    float kk[8], vv[8];
+    cache.read_token(2, 0, kk, vv);
+    CHECK(std::isfinite(kk[0]));
+    CHECK(kk[0] > 0.99f * limit);
+    CHECK(std::isinf(kk[1]));
+    CHECK(std::isnan(kk[2]));
+    // A ring stores only the newest `capacity` tokens of an append: the others are not checked.
+    auto ring = KvCache<T>::ring(layout, 2, 1);
+    std::vector<float> long_k(4 * 16, 0.5f);
+    long_k[0] = limit;  // token 0 of 4: overwritten within the same append
+    ring.append(long_k.data(), long_k.data(), 4);
+    CHECK(ring.size() == 2);
+  };
+  check(kvheads::fp16{}, 65520.f, "beyond fp16's largest finite value (65504)");
+  check(kvheads::bf16{}, kvheads::detail::bits_float(0x7F7F8000u), "beyond bf16's largest finite value");
+  // The limits are where the conversions start giving inf.
+  CHECK(std::isinf(kvheads::fp16::from_float(65520.f).to_float()));
+  CHECK(std::isfinite(kvheads::fp16::from_float(std::nextafter(65520.f, 0.f)).to_float()));
+  const float bf16_limit = kvheads::detail::bits_float(0x7F7F8000u);
+  CHECK(std::isinf(kvheads::bf16::from_float(bf16_limit).to_float()));
+  CHECK(std::isfinite(kvheads::bf16::from_float(std::nextafter(bf16_limit, 0.f)).to_float()));
+  // A float cache keeps any float.
+  KvCache<float> plain(layout, 2);
+  std::vector<float> big(16, std::numeric_limits<float>::max());
+  plain.append(big.data(), big.data(), 1);
+  CHECK(plain.size() == 1);
 }

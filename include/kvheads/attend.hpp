@@ -3,6 +3,7 @@
 // KvCache. Arguments are checked here, at the public boundary; the kernels carry no checks.
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -81,6 +82,17 @@ inline AttendArgs<float> plain_args(const float* q, const float* k, const float*
   require_pointer(out, q_len, "out");
   require_pointer(k, kv_len, "k");
   require_pointer(v, kv_len, "v");
+  const FloatSpan q_span{q, std::ptrdiff_t(q_len) * layout.q_width(), "q"};
+  const FloatSpan out_span{out, q_span.floats, "out"};
+  const FloatSpan k_span{k, std::ptrdiff_t(kv_len) * layout.kv_width(), "k"};
+  const FloatSpan v_span{v, k_span.floats, "v"};
+  require_disjoint(out_span, q_span, /*may_be_identical=*/true);
+  require_disjoint(out_span, k_span);
+  require_disjoint(out_span, v_span);
+  if (lse != nullptr) {
+    const FloatSpan lse_span{lse, std::ptrdiff_t(q_len) * layout.q_heads, "lse"};
+    for (const FloatSpan& other : {q_span, k_span, v_span, out_span}) require_disjoint(lse_span, other);
+  }
   AttendArgs<float> args;
   set_dense_queries(args, layout, q, out);
   args.k = k;
@@ -154,6 +166,14 @@ AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, flo
   require_pointer(q, q_len, "q");
   require_pointer(out, q_len, "out");
   const HeadLayout& layout = cache.layout();
+  const FloatSpan q_span{q, std::ptrdiff_t(q_len) * layout.q_width(), "q"};
+  const FloatSpan out_span{out, q_span.floats, "out"};
+  require_disjoint(out_span, q_span, /*may_be_identical=*/true);
+  if (lse != nullptr) {
+    const FloatSpan lse_span{lse, std::ptrdiff_t(q_len) * layout.q_heads, "lse"};
+    require_disjoint(lse_span, q_span);
+    require_disjoint(lse_span, out_span);
+  }
   AttendArgs<T> args;
   set_dense_queries(args, layout, q, out);
   args.k = cache.keys();
@@ -209,6 +229,8 @@ inline void attend(const float* q, const float* k, const float* v, float* out, i
 /// Attention over plain memory (stable entry point):
 /// q [q_len][q_heads][head_dim]; k, v [kv_len][kv_heads][head_dim]; out like q.
 /// Query row i sits at position kv_len - q_len + i (bottom-right alignment).
+/// out may be q itself (attention in place); out overlapping k, v or part of q throws
+/// std::invalid_argument, as does an lse overlapping any other array.
 inline void attend(const float* q, const float* k, const float* v, float* out, int q_len, int kv_len,
                    HeadLayout layout, const AttentionOptions& options = {}) {
   attend<simd::default_isa>(q, k, v, out, q_len, kv_len, layout, options);
@@ -223,7 +245,8 @@ void attend(const float* q, int q_len, const KvCache<T>& cache, float* out, cons
 }
 
 /// Attention of q_len queries against a cache (stable entry point). The queries sit at
-/// the last q_len cached positions. q, out: [q_len][q_heads][head_dim].
+/// the last q_len cached positions. q, out: [q_len][q_heads][head_dim]; out may be q
+/// itself, but not overlap part of it (std::invalid_argument).
 template <class T>
 void attend(const float* q, int q_len, const KvCache<T>& cache, float* out, const AttentionOptions& options = {}) {
   attend<simd::default_isa, T>(q, q_len, cache, out, options);
@@ -246,6 +269,48 @@ struct AttendItem {
   float* lse = nullptr;  // optional [q_len][q_heads]
 };
 
+namespace detail {
+
+// Throws when one item's out or lse shares memory with another item's q, out or lse (each
+// item's own arrays are checked by cache_args). Sorted by address, so only arrays that do
+// overlap are compared: no quadratic cost for large batches.
+template <class T>
+void require_items_disjoint(const AttendItem<T>* items, std::size_t count) {
+  struct Entry {
+    std::uintptr_t begin, end;
+    std::size_t item;
+    const char* name;
+    bool written;
+  };
+  thread_local std::vector<Entry> entries;  // reused: no allocation per call
+  entries.clear();
+  const auto add = [](std::size_t item, const float* data, std::ptrdiff_t floats, const char* name, bool written) {
+    if (data == nullptr || floats <= 0) return;
+    const auto begin = reinterpret_cast<std::uintptr_t>(data);
+    entries.push_back({begin, begin + std::uintptr_t(floats) * sizeof(float), item, name, written});
+  };
+  for (std::size_t i = 0; i < count; ++i) {
+    const HeadLayout& layout = items[i].cache->layout();
+    const std::ptrdiff_t rows = std::max(items[i].q_len, 0);
+    add(i, items[i].q, rows * layout.q_width(), "q", false);
+    add(i, items[i].out, rows * layout.q_width(), "out", true);
+    add(i, items[i].lse, rows * layout.q_heads, "lse", true);
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.begin < b.begin; });
+  for (std::size_t a = 0; a < entries.size(); ++a)
+    for (std::size_t b = a + 1; b < entries.size() && entries[b].begin < entries[a].end; ++b) {
+      const Entry& x = entries[a];
+      const Entry& y = entries[b];
+      if (x.item == y.item || !(x.written || y.written)) continue;
+      const Entry& written = x.written ? x : y;
+      const Entry& other = x.written ? y : x;
+      throw_invalid("items[", written.item, "].", written.name, " overlaps items[", other.item, "].", other.name,
+                    ": an item's out and lse must not share memory with another item's q, out or lse");
+    }
+}
+
+}  // namespace detail
+
 /// Attends a batch of sequences, each against its own cache of its own length (ragged),
 /// in one pass over the thread pool: work is split across the whole batch, so short
 /// sequences do not leave cores idle. Every cache must share one layout.
@@ -264,6 +329,7 @@ void attend(const AttendItem<T>* items, std::size_t count, const AttentionOption
                             "): a batch shares one layout");
     batch.push_back(detail::cache_args(items[i].q, items[i].q_len, *items[i].cache, items[i].out, options, items[i].lse));
   }
+  detail::require_items_disjoint(items, count);
   detail::dispatch_fused<Isa>(batch.data(), std::ptrdiff_t(batch.size()));
 }
 

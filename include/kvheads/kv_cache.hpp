@@ -50,6 +50,9 @@ struct KvStorage<float> {
 template <>
 struct KvStorage<bf16> {
   static constexpr bool scaled = false;
+  // Finite magnitudes from here on round to inf (halfway past the largest bf16).
+  static float overflow_from() { return bits_float(0x7F7F8000u); }
+  static constexpr const char* largest_finite = "bf16's largest finite value (3.3895314e+38)";
   static void store(const float* src, bf16* dst, float*, int n) {
     for (int i = 0; i < n; ++i) dst[i] = bf16::from_float(src[i]);
   }
@@ -59,6 +62,9 @@ struct KvStorage<bf16> {
 template <>
 struct KvStorage<fp16> {
   static constexpr bool scaled = false;
+  // Finite magnitudes from here on round to inf (halfway past 65504).
+  static float overflow_from() { return 65520.f; }
+  static constexpr const char* largest_finite = "fp16's largest finite value (65504)";
   static void store(const float* src, fp16* dst, float*, int n) {
     for (int i = 0; i < n; ++i) dst[i] = fp16::from_float(src[i]);
   }
@@ -177,11 +183,17 @@ class KvCache {
 
   /// Appends n_tokens tokens; k, v: [n_tokens][kv_heads][head_dim]. A linear cache that is
   /// not growable throws std::length_error when they do not fit, leaving the cache exactly
-  /// as it was; a ring overwrites its oldest tokens.
+  /// as it was; a ring overwrites its oldest tokens. A bf16 or fp16 cache throws
+  /// std::invalid_argument, cache unchanged, for a finite value that would round to inf
+  /// (|x| >= 65520 in fp16); non-finite values are stored as they are, as in a float cache.
   void append(const float* k, const float* v, int n_tokens) {
     if (n_tokens < 0) detail::throw_invalid("n_tokens (", n_tokens, ") must be >= 0");
     detail::require_pointer(k, n_tokens, "k");
     detail::require_pointer(v, n_tokens, "v");
+    // A ring only needs the newest `capacity` of the appended tokens.
+    const int skip = is_ring() ? std::max(0, n_tokens - capacity_) : 0;
+    require_storable(k, "k", skip, n_tokens);
+    require_storable(v, "v", skip, n_tokens);
     // k and v may point into this cache's own planes (re-appending cached tokens): when
     // the cache grows, the old planes stay alive here until the new tokens are stored.
     std::optional<KvCache> old_planes;
@@ -195,8 +207,6 @@ class KvCache {
       old_planes.emplace(grown_copy(std::min(max_tokens, std::max(needed, 2 * std::int64_t(capacity_)))));
       std::swap(*this, *old_planes);
     }
-    // A ring only needs the newest `capacity` of the appended tokens.
-    const int skip = is_ring() ? std::max(0, n_tokens - capacity_) : 0;
     for (int t = skip; t < n_tokens; ++t) {
       const std::int64_t position = position_ + t;
       const int slot = is_ring() ? int(position % capacity_) : int(position);
@@ -305,6 +315,29 @@ class KvCache {
  private:
   template <class, int, int, int>
   friend class Attention;
+
+  /// Throws when a finite value of tokens [first_token, n_tokens) of `data` would round to
+  /// inf in T: stored, an inf key makes 0 * inf = NaN, so every query that sees the token
+  /// would silently get NaN where a float cache gives a finite answer.
+  void require_storable(const float* data, const char* name, int first_token, int n_tokens) const {
+    if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, fp16>) {
+      const std::ptrdiff_t width = layout_.kv_width();
+      const std::ptrdiff_t begin = std::ptrdiff_t(first_token) * width, end = std::ptrdiff_t(n_tokens) * width;
+      const float limit = detail::KvStorage<T>::overflow_from();
+      constexpr float largest_float = std::numeric_limits<float>::max();
+      const auto overflows = [&](float x) { return std::fabs(x) >= limit && std::fabs(x) <= largest_float; };
+      bool any = false;  // one branch-free pass; the offender is looked for only when there is one
+      for (std::ptrdiff_t i = begin; i < end; ++i) any |= overflows(data[i]);
+      if (!any) return;
+      std::ptrdiff_t i = begin;
+      while (!overflows(data[i])) ++i;
+      detail::throw_invalid(name, "[token ", i / width, "][kv head ", (i % width) / layout_.head_dim, "][dim ",
+                            i % layout_.head_dim, "] (", data[i], ") is beyond ", detail::KvStorage<T>::largest_finite,
+                            ": it would be stored as inf (use a float or bf16 cache, or smaller values)");
+    } else {
+      (void)data, (void)name, (void)first_token, (void)n_tokens;
+    }
+  }
 
   /// What an append of n_tokens changes, saved beforehand so that undo_append() can put it
   /// back: size and position, and for a ring the rows its append overwrites (a linear cache

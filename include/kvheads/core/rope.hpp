@@ -37,6 +37,12 @@ struct RopeOptions {
   /// rotary_dim 0 (= head_dim) needs an even head_dim only when enabled, so the default
   /// (disabled) options suit every layout.
   void validate(int head_dim) const {
+    // An enum holds any value of its underlying type (a cast, a config read as an int);
+    // the rotation would silently treat an unknown one as interleaved.
+    if (layout != RopeLayout::half_split && layout != RopeLayout::interleaved)
+      detail::throw_invalid("rope layout (", static_cast<int>(layout), ") must be RopeLayout::half_split (",
+                            static_cast<int>(RopeLayout::half_split), ") or RopeLayout::interleaved (",
+                            static_cast<int>(RopeLayout::interleaved), ")");
     if (!std::isfinite(base) || !(base > 0.f)) detail::throw_invalid("rope base (", base, ") must be finite and > 0");
     if (rotary_dim < 0) detail::throw_invalid("rope rotary_dim (", rotary_dim, ") must be >= 0 (0 = head_dim)");
     if (rotary_dim > head_dim)
