@@ -199,7 +199,8 @@ int main() {
                          }});
     scenarios.push_back({"batch of two caches" + t, [&, threads] {
                            kvheads::AttendItem<float> items[2] = {{gqa.q.data(), 5, &gqa.cache, gqa.out.data(), nullptr},
-                                                                  {gqa.q.data(), 1, &gqa.cache, gqa.out.data(), nullptr}};
+                                                                  {gqa.q.data(), 1, &gqa.cache, gqa.out.data() + 5 * gqa.layout.q_width(),
+                                                                   nullptr}};
                            kvheads::attend(items, 2, opts(threads, true));
                          }});
   }
