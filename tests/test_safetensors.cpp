@@ -243,8 +243,8 @@ TEST_CASE("safetensors: the written layout follows the format", "[safetensors]")
 
 TEST_CASE("safetensors: reads a hand-written file", "[safetensors]") {
   const std::string header =
-      R"( {"__metadata__": {"format": "pt"}, "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
-      R"( "h": {"dtype": "F16", "shape": [1, 1], "data_offsets": [8, 10], "extra": [1, {"ignored": true}]}}   )";
+      R"({"__metadata__": {"format": "pt"}, "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+      R"( "h": {"dtype": "F16", "shape": [1, 1], "data_offsets": [8, 10], "extra": "ignored"}}   )";
   Bytes file = raw_file(header, 10);
   const unsigned char data[10] = {0x00, 0x00, 0x80, 0x3F, 0x00, 0x00, 0x00, 0xC0, 0x00, 0x3C};  // 1, -2, fp16 1
   std::memcpy(file.data() + 8 + header.size(), data, 10);
@@ -279,7 +279,17 @@ TEST_CASE("safetensors: malformed files throw a clear std::invalid_argument", "[
     expect_invalid(raw_file("", 0), {"not valid JSON"});
     expect_invalid(raw_file("[1, 2]", 0), {"must be a JSON object, got array"});
     expect_invalid(raw_file("\"t\"", 0), {"must be a JSON object, got string"});
-    expect_invalid(raw_file(std::string(40, '[') + std::string(40, ']'), 0), {"nests deeper than 16"});
+    // The root must be an object: deep nesting is refused as its first bracket opens.
+    expect_invalid(raw_file(std::string(40, '[') + std::string(40, ']'), 0), {"must be a JSON object, got array"});
+  }
+  SECTION("the header begins with '{'") {
+    // The format says so; nlohmann::json would skip leading whitespace. Writers pad after
+    // the object, which stays accepted (see the valid edge cases).
+    expect_invalid(raw_file(" {}", 0), {"starts with whitespace", "expected the JSON object's '{'"});
+    expect_invalid(raw_file("\n{}", 0), {"starts with whitespace (byte 10", "expected the JSON object's '{'"});
+    expect_invalid(raw_file("\t{}", 0), {"starts with whitespace"});
+    expect_invalid(raw_file("\r\n{}", 0), {"starts with whitespace"});
+    expect_invalid(raw_file("  ", 0), {"starts with whitespace"});
   }
   SECTION("entries") {
     expect_invalid(raw_file(R"({"t": [1]})", 0), {"tensor 't'", "entry must be an object, got array"});
@@ -316,6 +326,12 @@ TEST_CASE("safetensors: malformed files throw a clear std::invalid_argument", "[
     for (int i = 1; i < 65; ++i) rank65 += ", 1";
     expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [)" + rank65 + R"(], "data_offsets": [0, 4]}})", 4),
                    {"tensor 't'", "shape has 65 dimensions (at most 64 are supported)"});
+    // Dimensions past the limit are counted, not kept or checked, so the message still
+    // gives them all.
+    std::string rank1000 = "1";
+    for (int i = 1; i < 1000; ++i) rank1000 += i < 64 ? ", 1" : ", -1";
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [)" + rank1000 + R"(], "data_offsets": [0, 4]}})", 4),
+                   {"tensor 't'", "shape has 1000 dimensions (at most 64 are supported)"});
     // At the limit: accepted, and a message about it names the first 16 dimensions only.
     std::string rank64 = "2";
     for (int i = 1; i < 64; ++i) rank64 += ", 1";
@@ -362,14 +378,64 @@ TEST_CASE("safetensors: malformed files throw a clear std::invalid_argument", "[
     expect_invalid(raw_file(R"({"t": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}})", 8),
                    {"duplicate key 'dtype'"});
     expect_invalid(raw_file(R"({"__metadata__": {"k": "a", "k": "b"}})", 0), {"duplicate key 'k'"});
-    expect_invalid(raw_file(R"({"t": {"shape": [{"a": 1, "a": 2}]}})", 0), {"duplicate key 'a'"});
+    // Duplicate fields a tensor entry does not know are refused too, though ignored otherwise.
+    expect_invalid(raw_file(R"({"t": {"x": 1, "dtype": "F32", "x": 2}})", 0), {"duplicate key 'x' in an object"});
+    // Among many unknown fields (compared once their entry ends), a duplicate is still found;
+    // names that only share a prefix are no duplicates.
+    std::string fields;
+    for (int i = 0; i < 10000; ++i) fields += "\"f" + std::to_string(i) + "\": " + std::to_string(i) + ", ";
+    const std::string complete = R"("dtype": "F32", "shape": [0], "data_offsets": [0, 0]}})";
+    CHECK(Safetensors::parse(raw_file(R"({"t": {"f": 0, )" + fields + complete, 0)).size() == 1);
+    expect_invalid(raw_file(R"({"t": {)" + fields + R"("f5000": 0, )" + complete, 0),
+                   {"duplicate key 'f5000' in an object"});
+    // An object inside a shape is refused as it opens, before any duplicate key in it is read.
+    expect_invalid(raw_file(R"({"t": {"shape": [{"a": 1, "a": 2}]}})", 0),
+                   {"tensor 't'", "shape[0] must be a non-negative integer, got object"});
+    expect_invalid(raw_file(R"({"__metadata__": {}, "__metadata__": {}})", 0), {"duplicate tensor name '__metadata__'"});
     // Keys of sibling objects (here: two tensors' fields) do not clash.
-    expect_invalid(raw_file(R"({"a": {"dtype": "F32", "x": 1}, "b": {"dtype": "F32", "x": 1}, "a": {}})", 0),
+    // (The entries are complete: each is checked as it ends, before the next key is read.)
+    const std::string zero_sized = R"({"dtype": "F32", "shape": [0], "data_offsets": [0, 0], "x": 1})";
+    expect_invalid(raw_file(R"({"a": )" + zero_sized + R"(, "b": )" + zero_sized + R"(, "a": {}})", 0),
                    {"duplicate tensor name 'a'"});
   }
   SECTION("metadata must map strings to strings") {
     expect_invalid(raw_file(R"({"__metadata__": {"k": 1}})", 0), {"__metadata__ value of 'k' must be a string"});
     expect_invalid(raw_file(R"({"__metadata__": [1]})", 0), {"__metadata__ must be an object"});
+    expect_invalid(raw_file(R"({"__metadata__": "x"})", 0), {"__metadata__ must be an object of strings, got string"});
+    expect_invalid(raw_file(R"({"__metadata__": {"k": {}}})", 0),
+                   {"__metadata__ value of 'k' must be a string, got object"});
+    expect_invalid(raw_file(R"({"__metadata__": {"k": ["v"]}})", 0),
+                   {"__metadata__ value of 'k' must be a string, got array"});
+  }
+  SECTION("containers the schema has no place for") {
+    // Unknown fields of a tensor entry are ignored, so a container there could only be junk
+    // the reader would have to walk (or keep): refused as it opens.
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": [{}, {}]}})", 8),
+                   {"tensor 't'", "unknown field 'x' holds an array", "ignored"});
+    expect_invalid(raw_file(R"({"t": {"x": {"y": 1}, "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "unknown field 'x' holds an object"});
+    expect_invalid(raw_file(R"({"t": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "dtype must be a string, got array"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, [8]]}})", 8),
+                   {"tensor 't'", "data_offsets end must be a non-negative integer, got array"});
+    expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": {}, "data_offsets": [0, 8]}})", 8),
+                   {"tensor 't'", "shape must be an array, got object"});
+  }
+  SECTION("junk that is valid JSON is refused at its first container, not after reading it") {
+    // The reviewer's reproducer, cut short: a DOM of these took some 30 times the header's
+    // size. Each header below is left unterminated, so a reader that walked on would report
+    // invalid JSON instead of the schema's message.
+    std::string empty_objects;
+    for (int i = 0; i < 200000; ++i) empty_objects += "{},";
+    expect_invalid(raw_file(R"({"__metadata__": {"x": [)" + empty_objects, 0),
+                   {"__metadata__ value of 'x' must be a string, got array"});
+    expect_invalid(raw_file(R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": [)" + empty_objects, 4),
+                   {"tensor 'a'", "unknown field 'x' holds an array"});
+    std::string nested;
+    for (int i = 0; i < 200000; ++i) nested += R"({"a": )";
+    expect_invalid(raw_file(nested, 0), {"tensor 'a'", "unknown field 'a' holds an object"});
+    expect_invalid(raw_file("{\"t\": " + std::string(200000, '['), 0),
+                   {"tensor 't'", "entry must be an object, got array"});
   }
   SECTION("a null buffer with a size") {
     REQUIRE_THROWS_WITH(Safetensors::parse(nullptr, 16), Contains("data is null"));
@@ -393,12 +459,22 @@ TEST_CASE("safetensors: edge cases that are valid", "[safetensors]") {
   CHECK(Safetensors::parse(raw_file(R"({"z": {"dtype": "F32", "shape": [-0], "data_offsets": [-0, 0]}})", 0))
             .tensor("z")
             .numel() == 0);
-  // Nesting at the limit (16 levels, in metadata-free arrays of a shape) is still JSON the
-  // checks accept, up to the shape's own type check.
+  // Unknown fields holding scalars are ignored, as the reference reader ignores them.
+  const Safetensors extra = Safetensors::parse(
+      raw_file(R"({"u": {"note": "x", "dtype": "F32", "n": -1.5e300, "shape": [1], "b": true, "data_offsets": [0, 4],)"
+               R"( "z": null, "big": 18446744073709551615, "neg": -3}})",
+               4));
+  CHECK(extra.size() == 1);
+  CHECK(extra.tensor("u").shape == std::vector<std::int64_t>{1});
+  // Spaces after the object are how writers pad the header; other whitespace is JSON too.
+  CHECK(Safetensors::parse(raw_file("{}        ", 0)).size() == 0);
+  CHECK(Safetensors::parse(raw_file("{ }\n\t\r ", 0)).size() == 0);
+  // A nested array in a shape is refused as it opens, whatever it holds (nesting was once
+  // allowed up to 16 levels here, up to the shape's own type check).
   expect_invalid(raw_file(R"({"t": {"dtype": "F32", "shape": )" + std::string(14, '[') + std::string(14, ']') +
                               R"(, "data_offsets": [0, 0]}})",
                           0),
-                 {"shape[0] ([[[[[[[[[[[[[]]]]]]]]]]]]]) must be a non-negative integer"});
+                 {"shape[0] must be a non-negative integer, got array"});
 }
 
 TEST_CASE("safetensors: every dtype of the format is read, copied and written bit-exactly", "[safetensors]") {
@@ -761,6 +837,44 @@ TEST_CASE("convert_checkpoint_file converts files and writes the updated config.
     REQUIRE_THROWS_AS(kvheads::convert_checkpoint_file(in, out, options), std::runtime_error);
     CHECK(!fs::exists(out));
     CHECK(!fs::exists(out_dir / "config.json"));
+
+    // A --config that is a directory: named, refused before anything is read from it (libstdc++
+    // would throw std::ios_base::failure from inside the JSON parser, naming no file).
+    options.config_path = dir.path.string();
+    try {
+      kvheads::convert_checkpoint_file(in, out, options);
+      FAIL("a directory was read as the config");
+    } catch (const std::runtime_error& error) {
+      CHECK_THAT(std::string(error.what()), Contains("not a regular file") && Contains(dir.path.string()));
+    }
+    options.config_path.clear();
+    write_text(in_dir / "config.json", config_text);
+
+    // A directory where an output goes: refused before either file is written (the model
+    // used to be written, and left behind, before the config's rename failed).
+    fs::create_directories(out_dir / "config.json" / "inside");
+    try {
+      kvheads::convert_checkpoint_file(in, out, options);
+      FAIL("wrote a config over a directory");
+    } catch (const std::runtime_error& error) {
+      CHECK_THAT(std::string(error.what()),
+                 Contains((out_dir / "config.json").string()) && Contains("is an existing directory"));
+    }
+    CHECK(!fs::exists(out));
+    CHECK(fs::is_directory(out_dir / "config.json" / "inside"));
+    fs::remove_all(out_dir / "config.json");
+    fs::create_directories(out_dir / "model.safetensors");
+    REQUIRE_THROWS_WITH(kvheads::convert_checkpoint_file(in, out, options),
+                        Contains("model.safetensors") && Contains("is an existing directory"));
+    CHECK(fs::is_directory(out));
+    CHECK(!fs::exists(out_dir / "config.json"));
+    fs::remove(out);
+    for (const auto& entry : fs::directory_iterator(out_dir)) FAIL("left behind: " << entry.path());
+    // And with the way clear, the same call succeeds.
+    CHECK(kvheads::convert_checkpoint_file(in, out, options).config_out == (out_dir / "config.json").string());
+    CHECK(fs::is_regular_file(out));
+    CHECK(!fs::exists(out_dir / "model.safetensors.kvheads-tmp"));
+    CHECK(!fs::exists(out_dir / "config.json.kvheads-tmp"));
   }
 }
 

@@ -48,10 +48,14 @@ inline void check_pooling(long long extent, const char* extent_name, long long o
 inline void pool_columns(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t rows, int from_kv_heads,
                          int to_kv_heads, int head_dim, float* out, std::ptrdiff_t out_stride) {
   const int r = from_kv_heads / to_kv_heads;
-  // Sum in double: exact for any r unless a group's values span more than double's 53
-  // bits (then the small ones are lost, e.g. 1e30 + 1 - 1e30), so a pooled weight is the
-  // correctly rounded mean of any real checkpoint's; that also makes pooling twice agree
-  // with pooling once up to one rounding per step.
+  // Sum in double, divide in double, round once to float. The result is the correctly
+  // rounded mean whenever the exponents of a group's nonzero values differ by at most
+  // 29 - ceil(log2 r) (26 for r = 8): every partial sum then fits double's 53 bits, and
+  // the exact quotient is either a float midpoint or farther than half a double ulp from
+  // every one, so rounding it to double cannot land on one and rounding that to float goes
+  // the way the exact mean would. Real weights sit well inside that; beyond it a small
+  // value can be lost (1e30 + 1 - 1e30) or the quotient can land on a midpoint, and the
+  // mean may be one float ulp off.
   for (std::ptrdiff_t row = 0; row < rows; ++row) {
     const float* src = w + row * w_stride;
     float* dst = out + row * out_stride;
@@ -67,8 +71,16 @@ inline void pool_columns(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t
 
 // w: [from*head_dim][cols] with row stride w_stride -> out: [to*head_dim][cols] with out_stride.
 // narrower_result: the means will be rounded again to bf16 or fp16, so they are rounded to
-// float to odd here (see float_round_to_odd): stored in those dtypes they are then the
-// correctly rounded mean, not a rounding of a rounding.
+// float to odd here (see float_round_to_odd), which keeps a rounding of a rounding from
+// ever deciding a tie the wrong way. Whether the result is the correctly rounded mean then
+// depends, as in pool_columns, on the double sum being exact and the double quotient not
+// landing on a midpoint of the final dtype: guaranteed when the exponents of a group's
+// nonzero values differ by at most 29 - ceil(log2 r) for fp32 values, 45 - ceil(log2 r)
+// for bf16 values (8-bit significands leave double more room), and always for fp16 values
+// while r <= 8192 (every fp16 value is a multiple of 2^-24 below 2^16). Beyond that the
+// mean may be one ulp off: bf16 values 1, 2^-8, 2^-70 and 0 pooled into one head sum to
+// 1 + 2^-8 in double, a bf16 tie once divided by 4, without the 2^-70 that put the exact
+// mean above it, so 0.25 comes out instead of 0.25 + 2^-9.
 inline void pool_rows(const float* w, std::ptrdiff_t w_stride, std::ptrdiff_t cols, int from_kv_heads, int to_kv_heads,
                       int head_dim, float* out, std::ptrdiff_t out_stride, bool narrower_result = false) {
   const int r = from_kv_heads / to_kv_heads;

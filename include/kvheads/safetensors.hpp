@@ -19,11 +19,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
-#include <set>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -203,62 +204,6 @@ inline std::uint64_t read_u64_le(const unsigned char* p) {
   return v;
 }
 
-// Checks the header's JSON before it is parsed into a DOM: duplicate keys at any level
-// (nlohmann's DOM would silently keep the last one) and nesting deeper than any valid
-// header could need. A SAX pass, linear in the header's length: nlohmann's parse callback,
-// which could do the same checks, takes time quadratic in the number of objects in one
-// array or object (3.11.2: 50,000 tensors took 20.5 s against 0.3 s now, 80,000 took
-// 140 s), so a small hostile file could hang the reader.
-class HeaderJsonCheck : public nlohmann::json_sax<nlohmann::json> {
- public:
-  using Json = nlohmann::json;
-  bool null() override { return true; }
-  bool boolean(bool) override { return true; }
-  bool number_integer(Json::number_integer_t) override { return true; }
-  bool number_unsigned(Json::number_unsigned_t) override { return true; }
-  bool number_float(Json::number_float_t, const Json::string_t&) override { return true; }
-  bool string(Json::string_t&) override { return true; }
-  bool binary(Json::binary_t&) override { return true; }
-  bool start_object(std::size_t) override { return open(); }
-  bool end_object() override { return close(); }
-  bool start_array(std::size_t) override { return open(); }
-  bool end_array() override { return close(); }
-  bool key(Json::string_t& key) override {
-    // A key always belongs to the innermost open container, an object.
-    if (!open_.back().insert(key).second) {
-      if (open_.size() == 1) throw_invalid("safetensors header: duplicate tensor name ", quote_text(key));
-      throw_invalid("safetensors header: duplicate key ", quote_text(key), " in an object");
-    }
-    return true;
-  }
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& error) override {
-    throw_invalid("safetensors header is not valid JSON: ", error.what());
-  }
-
- private:
-  static constexpr std::size_t kMaxDepth = 16;
-  bool open() {
-    if (open_.size() >= kMaxDepth) throw_invalid("safetensors header nests deeper than ", kMaxDepth, " levels");
-    open_.emplace_back();
-    return true;
-  }
-  bool close() {
-    open_.pop_back();
-    return true;
-  }
-  std::vector<std::set<std::string>> open_;  // keys seen in each open container (none for an array)
-};
-
-inline nlohmann::json parse_header_json(const char* begin, const char* end) {
-  HeaderJsonCheck check;
-  nlohmann::json::sax_parse(begin, end, &check);
-  try {
-    return nlohmann::json::parse(begin, end);
-  } catch (const nlohmann::json::exception& error) {  // not expected after the check
-    throw_invalid("safetensors header is not valid JSON: ", error.what());
-  }
-}
-
 // An unsigned integer field that fits in int64; context names it in the error.
 inline std::int64_t json_size(const nlohmann::json& value, const std::string& context) {
   if (value.is_number_unsigned()) {
@@ -272,6 +217,254 @@ inline std::int64_t json_size(const nlohmann::json& value, const std::string& co
   }
   throw_invalid(context, " (", json_excerpt(value), ") must be a non-negative integer");
 }
+
+// What the header says of one tensor; its name is the key it is filed under.
+struct HeaderTensor {
+  std::string dtype;
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin = 0, end = 0;
+};
+
+static_assert(kSafetensorsMaxHeader <= std::numeric_limits<std::uint32_t>::max(),
+              "HeaderReader indexes the header's text with 32 bits");
+
+// Reads the header's JSON straight into names, dtypes, shapes, offsets and metadata, with
+// no DOM: valid JSON that is junk (say an unknown field holding millions of empty objects)
+// grew some 30 times in nlohmann's DOM, so a 100 MB header took 3.2 GB. The schema is
+// enforced as the parser walks it, and a container the schema has no place for is refused
+// the moment it opens, so memory stays proportional to what is kept and nesting is at most
+// three levels deep. Each event costs work proportional to the text it carries, plus a
+// std::map lookup for a tensor name or metadata key (logarithmic, as is the sort that finds
+// a duplicate among unknown fields): close to linear in the header's length, with no
+// quadratic case. Duplicate keys are errors at every level: a reader keeping the first or
+// the last one would see a different file than another reader.
+class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  using Json = nlohmann::json;
+  std::map<std::string, HeaderTensor> tensors;
+  std::map<std::string, std::string> metadata;
+
+  bool null() override { return scalar(Json(nullptr)); }
+  bool boolean(bool value) override { return scalar(Json(value)); }
+  bool number_integer(Json::number_integer_t value) override { return scalar(Json(value)); }
+  bool number_unsigned(Json::number_unsigned_t value) override { return scalar(Json(value)); }
+  bool number_float(Json::number_float_t value, const Json::string_t&) override { return scalar(Json(value)); }
+  bool string(Json::string_t& value) override { return scalar(Json(std::move(value))); }
+  bool binary(Json::binary_t&) override {  // only binary formats (CBOR, ...) produce these
+    throw_invalid("safetensors header is not valid JSON: it holds a binary value");
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& error) override {
+    throw_invalid("safetensors header is not valid JSON: ", error.what());
+  }
+
+  bool start_object(std::size_t) override {
+    if (level_ == Level::kBeforeRoot) {
+      level_ = Level::kRoot;
+    } else if (level_ == Level::kRoot && root_value_is_metadata_) {
+      level_ = Level::kMetadata;
+    } else if (level_ == Level::kRoot) {
+      level_ = Level::kEntry;
+      has_dtype_ = has_shape_ = has_offsets_ = false;
+      unknown_names_.clear();
+      unknown_name_ends_.clear();
+    } else {
+      refuse_container("object");
+    }
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    if (level_ == Level::kEntry && field_ == Field::kShape) {
+      level_ = Level::kShape;
+    } else if (level_ == Level::kEntry && field_ == Field::kOffsets) {
+      level_ = Level::kOffsets;
+    } else {
+      refuse_container("array");
+    }
+    array_length_ = 0;
+    return true;
+  }
+  bool end_object() override {
+    if (level_ == Level::kEntry) {
+      refuse_duplicate_unknown_field();
+      if (!has_dtype_) throw_invalid(entry_context(), ": missing \"dtype\"");
+      if (!has_shape_) throw_invalid(entry_context(), ": missing \"shape\"");
+      if (!has_offsets_) throw_invalid(entry_context(), ": missing \"data_offsets\"");
+    }
+    level_ = level_ == Level::kRoot ? Level::kAfterRoot : Level::kRoot;
+    return true;
+  }
+  bool end_array() override {
+    if (level_ == Level::kShape && array_length_ > kSafetensorsMaxRank)
+      throw_invalid(entry_context(), ": shape has ", array_length_, " dimensions (at most ", kSafetensorsMaxRank,
+                    " are supported)");
+    if (level_ == Level::kOffsets && array_length_ != 2)
+      throw_invalid(entry_context(), ": data_offsets must be [begin, end], got ", array_length_,
+                    array_length_ == 1 ? " value" : " values");
+    level_ = Level::kEntry;
+    return true;
+  }
+
+  bool key(Json::string_t& key) override {
+    if (level_ == Level::kRoot) {
+      root_value_is_metadata_ = key == "__metadata__";
+      if (root_value_is_metadata_) {
+        if (metadata_seen_) throw_invalid("safetensors header: duplicate tensor name ", quote_text(key));
+        metadata_seen_ = true;
+        return true;
+      }
+      const auto added = tensors.try_emplace(std::move(key));
+      if (!added.second) throw_invalid("safetensors header: duplicate tensor name ", quote_text(added.first->first));
+      entry_name_ = &added.first->first;
+      entry_ = &added.first->second;
+    } else if (level_ == Level::kMetadata) {
+      if (metadata.count(key) != 0) duplicate_key(key);
+      key_ = std::move(key);
+    } else {  // a tensor entry's field: the only other place a key can stand
+      bool* seen = nullptr;
+      if (key == "dtype") field_ = Field::kDtype, seen = &has_dtype_;
+      else if (key == "shape") field_ = Field::kShape, seen = &has_shape_;
+      else if (key == "data_offsets") field_ = Field::kOffsets, seen = &has_offsets_;
+      else field_ = Field::kUnknown;
+      if (seen != nullptr && std::exchange(*seen, true)) duplicate_key(key);
+      if (seen == nullptr) {
+        unknown_names_ += key;
+        unknown_name_ends_.push_back(std::uint32_t(unknown_names_.size()));
+      }
+      key_ = std::move(key);
+    }
+    return true;
+  }
+
+ private:
+  // Where the next value goes: which container is innermost, and in a tensor entry, which field.
+  enum class Level { kBeforeRoot, kRoot, kMetadata, kEntry, kShape, kOffsets, kAfterRoot };
+  enum class Field { kDtype, kShape, kOffsets, kUnknown };
+
+  std::string entry_context() const { return "safetensors tensor " + quote_text(*entry_name_); }
+  std::string element_context() const {
+    if (level_ == Level::kShape) return entry_context() + ": shape[" + std::to_string(array_length_) + "]";
+    return entry_context() + (array_length_ == 0 ? ": data_offsets begin" : ": data_offsets end");
+  }
+  // A shape dimension or offset; the message, with its context, is built only for a bad one.
+  std::int64_t element_size(const Json& value) const {
+    constexpr auto kLargest = std::uint64_t(std::numeric_limits<std::int64_t>::max());
+    if (value.is_number_unsigned() && value.get<std::uint64_t>() <= kLargest)
+      return std::int64_t(value.get<std::uint64_t>());
+    return json_size(value, element_context());
+  }
+  [[noreturn]] static void duplicate_key(const std::string& key) {
+    throw_invalid("safetensors header: duplicate key ", quote_text(key), " in an object");
+  }
+
+  // The unknown fields' names are kept end to end and compared once the entry ends: a
+  // std::set of them took some 70 bytes a name, against 7 bytes of header for "k1":0,.
+  void refuse_duplicate_unknown_field() const {
+    const std::size_t count = unknown_name_ends_.size();
+    if (count < 2) return;
+    const auto name = [this](std::uint32_t i) {
+      const std::uint32_t begin = i == 0 ? 0 : unknown_name_ends_[i - 1];
+      return std::string_view(unknown_names_).substr(begin, unknown_name_ends_[i] - begin);
+    };
+    std::vector<std::uint32_t> order(count);
+    for (std::size_t i = 0; i < count; ++i) order[i] = std::uint32_t(i);
+    std::sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) { return name(a) < name(b); });
+    for (std::size_t i = 1; i < count; ++i)
+      if (name(order[i - 1]) == name(order[i])) duplicate_key(std::string(name(order[i])));
+  }
+
+  bool scalar(Json value) {
+    switch (level_) {
+      case Level::kBeforeRoot:
+        throw_invalid("safetensors header must be a JSON object, got ", value.type_name(), " ", json_excerpt(value));
+      case Level::kRoot:
+        if (root_value_is_metadata_)
+          throw_invalid("safetensors __metadata__ must be an object of strings, got ", value.type_name());
+        throw_invalid(entry_context(), ": entry must be an object, got ", value.type_name());
+      case Level::kMetadata:
+        if (!value.is_string())
+          throw_invalid("safetensors __metadata__ value of ", quote_text(key_), " must be a string, got ",
+                        value.type_name());
+        metadata.emplace(std::move(key_), std::move(value.get_ref<std::string&>()));
+        return true;
+      case Level::kEntry:
+        return entry_field(std::move(value));
+      case Level::kShape:
+        // Past the limit the dimensions are only counted, for the message at the array's end.
+        if (array_length_ < kSafetensorsMaxRank) entry_->shape.push_back(element_size(value));
+        ++array_length_;
+        return true;
+      case Level::kOffsets:
+        if (array_length_ == 2)
+          throw_invalid(entry_context(), ": data_offsets must be [begin, end], got more than 2 values");
+        (array_length_ == 0 ? entry_->begin : entry_->end) = std::uint64_t(element_size(value));
+        ++array_length_;
+        return true;
+      case Level::kAfterRoot:
+        break;
+    }
+    throw_invalid("safetensors header is not valid JSON: a value after the object's end");  // the parser stops first
+  }
+
+  bool entry_field(Json value) {
+    switch (field_) {
+      case Field::kDtype:
+        if (!value.is_string()) throw_invalid(entry_context(), ": dtype must be a string, got ", json_excerpt(value));
+        entry_->dtype = std::move(value.get_ref<std::string&>());
+        if (safetensors_dtype_size(entry_->dtype) == 0)
+          throw_invalid(entry_context(), ": unknown dtype ", quote_text(entry_->dtype), " (expected ",
+                        kSafetensorsDtypes, ")");
+        return true;
+      case Field::kShape:
+        throw_invalid(entry_context(), ": shape must be an array, got ", json_excerpt(value));
+      case Field::kOffsets:
+        throw_invalid(entry_context(), ": data_offsets must be [begin, end], got ", json_excerpt(value));
+      case Field::kUnknown:
+        break;
+    }
+    return true;  // the reference reader ignores fields it does not know; so do we, if they are scalars
+  }
+
+  // A container where the schema has none: refused as it opens, before any of it is read.
+  [[noreturn]] void refuse_container(const char* type) const {
+    switch (level_) {
+      case Level::kBeforeRoot:
+        throw_invalid("safetensors header must be a JSON object, got ", type);
+      case Level::kRoot:
+        if (root_value_is_metadata_)
+          throw_invalid("safetensors __metadata__ must be an object of strings, got ", type);
+        throw_invalid(entry_context(), ": entry must be an object, got ", type);
+      case Level::kMetadata:
+        throw_invalid("safetensors __metadata__ value of ", quote_text(key_), " must be a string, got ", type);
+      case Level::kEntry:
+        if (field_ == Field::kDtype) throw_invalid(entry_context(), ": dtype must be a string, got ", type);
+        if (field_ == Field::kShape) throw_invalid(entry_context(), ": shape must be an array, got ", type);
+        if (field_ == Field::kOffsets)
+          throw_invalid(entry_context(), ": data_offsets must be [begin, end], got ", type);
+        throw_invalid(entry_context(), ": unknown field ", quote_text(key_), " holds an ", type,
+                      " (unknown fields are ignored, so they may hold only a string, number, boolean or null)");
+      case Level::kShape:
+      case Level::kOffsets:
+        throw_invalid(element_context(), " must be a non-negative integer, got ", type);
+      case Level::kAfterRoot:
+        break;
+    }
+    throw_invalid("safetensors header is not valid JSON: a value after the object's end");
+  }
+
+  Level level_ = Level::kBeforeRoot;
+  Field field_ = Field::kUnknown;
+  bool root_value_is_metadata_ = false;
+  bool metadata_seen_ = false;
+  const std::string* entry_name_ = nullptr;  // the tensor entry being read, filed in tensors
+  HeaderTensor* entry_ = nullptr;
+  bool has_dtype_ = false, has_shape_ = false, has_offsets_ = false;
+  // The names of the entry's unknown fields end to end, and where each ends (a header's
+  // length fits 32 bits: kSafetensorsMaxHeader).
+  std::string unknown_names_;
+  std::vector<std::uint32_t> unknown_name_ends_;
+  std::string key_;               // the metadata key or entry field whose value comes next
+  std::size_t array_length_ = 0;  // values so far in the shape or data_offsets being read
+};
 
 inline void write_u64_le(std::uint64_t v, unsigned char* p) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
@@ -353,84 +546,45 @@ inline Safetensors Safetensors::parse(const void* data, std::size_t size) {
     throw_invalid("safetensors header length (", header_length, ") exceeds the ", size - 8,
                   " bytes that follow it in the file");
   const char* header = reinterpret_cast<const char*>(bytes + 8);
-  // nlohmann::json skips a leading UTF-8 byte order mark; the format's header must begin
-  // with '{', and the reference reader (serde_json) refuses one too.
+  // The format's header must begin with '{'. nlohmann::json skips a leading UTF-8 byte order
+  // mark and whitespace; the reference reader (serde_json) refuses the mark, and a writer
+  // pads with spaces only after the object, so neither belongs before it.
   if (header_length >= 3 && bytes[8] == 0xEF && bytes[9] == 0xBB && bytes[10] == 0xBF)
     throw_invalid("safetensors header starts with a UTF-8 byte order mark (expected the JSON object's '{')");
+  if (header_length >= 1 && (header[0] == ' ' || header[0] == '\t' || header[0] == '\n' || header[0] == '\r'))
+    throw_invalid("safetensors header starts with whitespace (byte ", int(bytes[8]),
+                  "; expected the JSON object's '{' first, padding only after it)");
   // nlohmann::json stops at a NUL as at the end of a C string, so "{}\0<anything>" would
   // parse; a NUL can only stand escaped in JSON text, never raw.
   if (const void* nul = std::memchr(header, 0, std::size_t(header_length)))
     throw_invalid("safetensors header has a NUL byte at offset ",
                   static_cast<const char*>(nul) - header, " (expected JSON text padded with spaces)");
-  const nlohmann::json root = detail::parse_header_json(header, header + header_length);
-  if (!root.is_object())
-    throw_invalid("safetensors header must be a JSON object, got ", root.type_name(), " ", detail::json_excerpt(root));
+  detail::HeaderReader reader;
+  nlohmann::json::sax_parse(header, header + header_length, &reader);
 
   const unsigned char* buffer = bytes + 8 + header_length;
   const std::uint64_t buffer_size = size - 8 - header_length;
 
-  Safetensors file;
   struct Span {
     std::uint64_t begin, end;
     const std::string* name;
   };
   std::vector<Span> spans;
-  std::vector<SafetensorsTensor> parsed;
-  for (const auto& item : root.items()) {
-    const std::string& name = item.key();
-    const nlohmann::json& entry = item.value();
-    if (name == "__metadata__") {
-      if (!entry.is_object())
-        throw_invalid("safetensors __metadata__ must be an object of strings, got ", entry.type_name());
-      for (const auto& meta : entry.items()) {
-        if (!meta.value().is_string())
-          throw_invalid("safetensors __metadata__ value of ", quote_text(meta.key()), " must be a string, got ",
-                        meta.value().type_name());
-        file.metadata_[meta.key()] = meta.value().get<std::string>();
-      }
-      continue;
-    }
+  spans.reserve(reader.tensors.size());
+  for (const auto& item : reader.tensors) {
+    const std::string& name = item.first;
+    const detail::HeaderTensor& entry = item.second;
     const std::string context = "safetensors tensor " + quote_text(name);
-    if (!entry.is_object()) throw_invalid(context, ": entry must be an object, got ", entry.type_name());
-
-    const auto dtype_it = entry.find("dtype");
-    if (dtype_it == entry.end()) throw_invalid(context, ": missing \"dtype\"");
-    if (!dtype_it->is_string()) throw_invalid(context, ": dtype must be a string, got ", detail::json_excerpt(*dtype_it));
-    SafetensorsTensor tensor;
-    tensor.name = name;
-    tensor.dtype = dtype_it->get<std::string>();
-    if (detail::safetensors_dtype_size(tensor.dtype) == 0)
-      throw_invalid(context, ": unknown dtype ", quote_text(tensor.dtype), " (expected ", detail::kSafetensorsDtypes,
-                    ")");
-
-    const auto shape_it = entry.find("shape");
-    if (shape_it == entry.end()) throw_invalid(context, ": missing \"shape\"");
-    if (!shape_it->is_array()) throw_invalid(context, ": shape must be an array, got ", detail::json_excerpt(*shape_it));
-    if (shape_it->size() > kSafetensorsMaxRank)
-      throw_invalid(context, ": shape has ", shape_it->size(), " dimensions (at most ", kSafetensorsMaxRank,
-                    " are supported)");
-    for (std::size_t i = 0; i < shape_it->size(); ++i)
-      tensor.shape.push_back(detail::json_size((*shape_it)[i], context + ": shape[" + std::to_string(i) + "]"));
-    const std::size_t need = detail::checked_tensor_bytes(context, tensor.dtype, tensor.shape);
-
-    const auto offsets_it = entry.find("data_offsets");
-    if (offsets_it == entry.end()) throw_invalid(context, ": missing \"data_offsets\"");
-    if (!offsets_it->is_array() || offsets_it->size() != 2)
-      throw_invalid(context, ": data_offsets must be [begin, end], got ", detail::json_excerpt(*offsets_it));
-    const auto begin = std::uint64_t(detail::json_size((*offsets_it)[0], context + ": data_offsets begin"));
-    const auto end = std::uint64_t(detail::json_size((*offsets_it)[1], context + ": data_offsets end"));
-    if (begin > end)
-      throw_invalid(context, ": data_offsets begin (", begin, ") must not exceed end (", end, ")");
-    if (end > buffer_size)
-      throw_invalid(context, ": data_offsets end (", end, ") is beyond the ", buffer_size, "-byte data buffer");
-    if (end - begin != need)
-      throw_invalid(context, ": data_offsets [", begin, ", ", end, "] hold ", end - begin, " bytes but shape ",
-                    detail::shape_string(tensor.shape), " of ", tensor.dtype, " needs ", need);
-    tensor.bytes.assign(buffer + begin, buffer + end);
-    parsed.push_back(std::move(tensor));
-    spans.push_back(Span{begin, end, nullptr});
+    const std::size_t need = detail::checked_tensor_bytes(context, entry.dtype, entry.shape);
+    if (entry.begin > entry.end)
+      throw_invalid(context, ": data_offsets begin (", entry.begin, ") must not exceed end (", entry.end, ")");
+    if (entry.end > buffer_size)
+      throw_invalid(context, ": data_offsets end (", entry.end, ") is beyond the ", buffer_size, "-byte data buffer");
+    if (entry.end - entry.begin != need)
+      throw_invalid(context, ": data_offsets [", entry.begin, ", ", entry.end, "] hold ", entry.end - entry.begin,
+                    " bytes but shape ", detail::shape_string(entry.shape), " of ", entry.dtype, " needs ", need);
+    spans.push_back(Span{entry.begin, entry.end, &name});
   }
-  for (std::size_t i = 0; i < parsed.size(); ++i) spans[i].name = &parsed[i].name;
 
   // The tensors must tile the buffer: sorted by offsets, each starts where the previous ended.
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
@@ -452,9 +606,14 @@ inline Safetensors Safetensors::parse(const void* data, std::size_t size) {
     throw_invalid("safetensors data buffer bytes [", covered, ", ", buffer_size, ") belong to no tensor",
                   " (trailing data)");
 
-  for (SafetensorsTensor& t : parsed) {
-    std::string key = t.name;
-    file.tensors_.emplace(std::move(key), std::move(t));
+  // Only now, with the whole file checked, are the data copied.
+  Safetensors file;
+  file.metadata_ = std::move(reader.metadata);
+  for (auto& item : reader.tensors) {
+    detail::HeaderTensor& entry = item.second;
+    SafetensorsTensor tensor{item.first, std::move(entry.dtype), std::move(entry.shape),
+                             std::vector<unsigned char>(buffer + entry.begin, buffer + entry.end)};
+    file.tensors_.emplace_hint(file.tensors_.end(), item.first, std::move(tensor));
   }
   return file;
 }
@@ -651,7 +810,10 @@ inline SafetensorsTensor pool_hf_tensor(const SafetensorsTensor& t, int from, in
 /// "<prefix>self_attn.k_proj.weight" (with its q_proj and v_proj) the k_proj and v_proj weights
 /// [kv_heads*head_dim][hidden] and biases [kv_heads*head_dim], if any, are mean-pooled over
 /// contiguous groups of KV heads (stored in their own dtype, rounded to nearest even); every
-/// other tensor and the metadata are copied unchanged. Throws std::invalid_argument naming the
+/// other tensor and the metadata are copied unchanged. A pooled value is the correctly rounded
+/// mean of its group whenever the exponents of the group's nonzero values differ by at most
+/// 29 - ceil(log2 r) for F32, 45 - ceil(log2 r) for BF16 (r = source / result KV heads), and
+/// always for F16 (r <= 8192); beyond that it may be one ulp off (see detail::pool_rows). Throws std::invalid_argument naming the
 /// tensor on any shape that does not fit.
 inline Safetensors convert_checkpoint(const Safetensors& in, const CheckpointConversion& how,
                                       ConversionSummary* summary = nullptr) {
@@ -762,38 +924,60 @@ struct ConvertFileResult {
 namespace detail {
 
 inline nlohmann::ordered_json load_json(const std::filesystem::path& path) {
+  const std::string shown = quote_text(path.string(), 1000);
+  // A directory opens as a stream on Linux and fails only when read, as for Safetensors::load.
+  std::error_code error;
+  if (std::filesystem::exists(path, error) && !std::filesystem::is_regular_file(path, error))
+    throw std::runtime_error(concat("cannot read ", shown, ": not a regular file"));
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(concat("cannot open ", quote_text(path.string(), 1000), " for reading"));
+  if (!in) throw std::runtime_error(concat("cannot open ", shown, " for reading"));
+  // Read before parsing: libstdc++'s filebuf throws std::ios_base::failure on a read error,
+  // which from inside nlohmann's parser would reach the caller naming no file.
+  std::string text;
   try {
-    return nlohmann::ordered_json::parse(in);
-  } catch (const nlohmann::json::exception& error) {
-    throw_invalid(quote_text(path.string(), 1000), " is not valid JSON: ", error.what());
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } catch (const std::exception& failure) {
+    throw std::runtime_error(concat("cannot read ", shown, ": ", failure.what()));
+  }
+  if (in.bad()) throw std::runtime_error(concat("cannot read ", shown));
+  try {
+    return nlohmann::ordered_json::parse(text);
+  } catch (const nlohmann::json::exception& failure) {
+    throw_invalid(shown, " is not valid JSON: ", failure.what());
   }
 }
 
-inline void write_file_atomically(const std::filesystem::path& path, const void* data, std::size_t size) {
-  // Write a sibling file and rename it over the target, so a failure never leaves half a file.
+// The sibling a file is written to before it is renamed over its destination, so a failure
+// never leaves half a file.
+inline std::filesystem::path temporary_sibling(const std::filesystem::path& path) {
   std::filesystem::path temp = path;
   temp += ".kvheads-tmp";
-  {
-    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error(concat("cannot open ", quote_text(temp.string(), 1000), " for writing"));
-    out.write(static_cast<const char*>(data), std::streamsize(size));
-    out.close();
-    if (!out) {
-      std::error_code ignored;
-      std::filesystem::remove(temp, ignored);
-      throw std::runtime_error(concat("cannot write ", quote_text(temp.string(), 1000)));
-    }
-  }
-  std::error_code error;
-  std::filesystem::rename(temp, path, error);
-  if (error) {
+  return temp;
+}
+
+inline void write_temporary_sibling(const std::filesystem::path& path, const void* data, std::size_t size) {
+  const std::filesystem::path temp = temporary_sibling(path);
+  std::ofstream out(temp, std::ios::binary | std::ios::trunc);
+  if (!out) throw std::runtime_error(concat("cannot open ", quote_text(temp.string(), 1000), " for writing"));
+  out.write(static_cast<const char*>(data), std::streamsize(size));
+  out.close();
+  if (!out) {
     std::error_code ignored;
     std::filesystem::remove(temp, ignored);
-    throw std::runtime_error(concat("cannot rename ", quote_text(temp.string(), 1000), " to ", quote_text(path.string(), 1000),
-                                    ": ", error.message()));
+    throw std::runtime_error(concat("cannot write ", quote_text(temp.string(), 1000)));
   }
+}
+
+// Renames the temporary sibling over path; on failure removes the sibling and returns why.
+inline std::string move_temporary_sibling(const std::filesystem::path& path) {
+  const std::filesystem::path temp = temporary_sibling(path);
+  std::error_code error;
+  std::filesystem::rename(temp, path, error);
+  if (!error) return {};
+  std::error_code ignored;
+  std::filesystem::remove(temp, ignored);
+  return concat("cannot rename ", quote_text(temp.string(), 1000), " to ", quote_text(path.string(), 1000), ": ",
+                error.message());
 }
 
 inline bool same_file(const std::filesystem::path& a, const std::filesystem::path& b) {
@@ -809,8 +993,11 @@ inline bool same_file(const std::filesystem::path& a, const std::filesystem::pat
 /// convert_checkpoint). Head counts come from options.q_heads and/or a Hugging Face config.json
 /// (options.config_path, else next to the input); when a config was found, a copy with
 /// num_key_value_heads updated is written as config.json next to the output. Refuses to
-/// overwrite the input file or the input config. Throws std::invalid_argument on bad input and
-/// std::runtime_error on I/O failure; nothing is written unless the conversion succeeds.
+/// overwrite the input file or the input config, or to write where a directory stands. Throws
+/// std::invalid_argument on bad input and std::runtime_error on I/O failure; nothing is written
+/// unless the conversion succeeds. Both files are written in full before either is renamed into
+/// place; should renaming the config then fail, a model that was not there before the call is
+/// removed again, and the message says what was and was not written.
 inline ConvertFileResult convert_checkpoint_file(const std::string& in_path, const std::string& out_path,
                                                  const ConvertFileOptions& options) {
   namespace fs = std::filesystem;
@@ -870,13 +1057,51 @@ inline ConvertFileResult convert_checkpoint_file(const std::string& in_path, con
   if (how.from_kv_heads == 0 && !config_in.empty() && !config.contains("num_key_value_heads"))
     how.from_kv_heads = how.q_heads;
 
+  // An existing directory where an output goes would make its rename fail only after the
+  // conversion, perhaps after the other output was already in place.
+  for (const fs::path& target : {out_file, config_out}) {
+    std::error_code error;
+    if (!target.empty() && fs::is_directory(target, error))
+      throw std::runtime_error(detail::concat("cannot write ", quote_text(target.string(), 1000),
+                                              ": it is an existing directory"));
+  }
+
   const Safetensors in = Safetensors::load(in_path);
   const Safetensors out = convert_checkpoint(in, how, &result.summary);
   const std::vector<unsigned char> image = out.serialize();
-  detail::write_file_atomically(out_file, image.data(), image.size());
+  const std::string config_text = config_in.empty() ? std::string()
+                                                    : with_kv_heads(config, options.to_kv_heads).dump(2) + "\n";
+  // Both outputs are written in full before either is renamed into place, so only a failing
+  // rename can leave one without the other.
+  detail::write_temporary_sibling(out_file, image.data(), image.size());
   if (!config_in.empty()) {
-    const std::string text = with_kv_heads(config, options.to_kv_heads).dump(2) + "\n";
-    detail::write_file_atomically(config_out, text.data(), text.size());
+    try {
+      detail::write_temporary_sibling(config_out, config_text.data(), config_text.size());
+    } catch (...) {
+      std::error_code ignored;
+      fs::remove(detail::temporary_sibling(out_file), ignored);
+      throw;
+    }
+  }
+  std::error_code error;
+  const bool model_existed = fs::exists(fs::symlink_status(out_file, error));
+  const std::string model_failure = detail::move_temporary_sibling(out_file);
+  if (!model_failure.empty()) {
+    std::error_code ignored;
+    if (!config_in.empty()) fs::remove(detail::temporary_sibling(config_out), ignored);
+    throw std::runtime_error(model_failure + " (nothing was written)");
+  }
+  if (!config_in.empty()) {
+    const std::string config_failure = detail::move_temporary_sibling(config_out);
+    if (!config_failure.empty()) {
+      std::error_code removed;
+      if (!model_existed && fs::remove(out_file, removed) && !removed)
+        throw std::runtime_error(config_failure + " (nothing was written: " + quote_text(out_file.string(), 1000) +
+                                 " was removed again)");
+      throw std::runtime_error(config_failure + " (" + quote_text(out_file.string(), 1000) +
+                               (model_existed ? " was replaced by the converted model" : " was written") +
+                               ", but the config was not)");
+    }
     result.config_in = config_in.string();
     result.config_out = config_out.string();
   }
