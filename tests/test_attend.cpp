@@ -3,6 +3,7 @@
 // the machine runs, 1 and 2 threads.
 #include <catch2/catch.hpp>
 
+#include "cpu_isas.hpp"
 #include "test_support.hpp"
 
 using kvheads::AttentionOptions;
@@ -42,7 +43,7 @@ TEST_CASE("attend matches the reference for MHA, GQA and MQA over head_dim and l
   const std::vector<std::pair<int, int>> lengths = {{1, 1},  {1, 2},    {2, 2},     {1, 17},   {2, 17},
                                                     {17, 17}, {17, 1000}, {1, 4097}, {2, 4097}};
   AttentionOptions combined = option_sets().back();
-  for (int head_dim : {1, 3, 64, 80, 128, 256})
+  for (int head_dim : {1, 3, 64, 80, 96, 128, 256})
     for (const HeadLayout& layout : layouts_for(head_dim))
       for (auto [q_len, kv_len] : lengths) {
         if (head_dim >= 128 && kv_len > 1000 && layout.q_heads > 8) continue;  // keep the reference affordable
@@ -72,13 +73,52 @@ TEST_CASE("the stable attend() signature gives the reference's result", "[attend
   CHECK(relative_error(out, p.reference(options)) <= tolerance);
 }
 
+TEMPLATE_LIST_TEST_CASE("every ISA runs every head_dim x group size instantiation the dispatch selects",
+                        "[attend][isa]", kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!cpu_runs<Isa>()) return;
+  // dispatch_fused picks a kernel compiled for head_dim 64/80/96/128/256 (else the
+  // run-time size) and, within it, for group size 1/2/4/8/16 (else the run-time group):
+  // every pair, on every ISA, against the reference. Short lengths keep it cheap; decode
+  // (one and two queries) and a causal prefill reach both row layouts of each kernel.
+  const std::vector<std::pair<int, int>> lengths = {{1, 67}, {2, 67}, {9, 67}};
+  for (int head_dim : {64, 80, 96, 128, 256, 40})
+    for (int group : {1, 2, 4, 8, 16, 3})
+      for (auto [q_len, kv_len] : lengths) {
+        const HeadLayout layout{2 * group, 2, head_dim};
+        const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim * 17 + group * 5 + q_len));
+        AttentionOptions causal;
+        causal.causal = true;
+        causal.threads = 1;
+        check_against_reference<Isa>(p, causal);
+      }
+}
+
+TEMPLATE_LIST_TEST_CASE("every ISA's decode matches the reference at head_dims that leave every P.V tile tail",
+                        "[attend][isa]", kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!cpu_runs<Isa>()) return;
+  // Tile shapes no other test reached (found by instrumenting the kernel): on AVX2 the
+  // few-row P.V tiles of one row over 4, 6 or 7 chunks and of three rows over 3 chunks
+  // (masked: the combined options' window), reached by head_dims 25-32, 49-56, 81-88 and
+  // 113-120, and pv_by_rows' 10-wide tile of 5-8 rows (head_dim = 10 mod 12). The other
+  // ISAs run the same shapes as further tails.
+  for (int head_dim : {25, 28, 32, 46, 52, 56, 58, 84, 88, 116, 120})
+    for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{6, 2, head_dim},
+                                     HeadLayout{10, 2, head_dim}, HeadLayout{7, 1, head_dim}, HeadLayout{16, 2, head_dim}})
+      for (int q_len : {1, 2}) {
+        const Problem p(layout, q_len, 301, std::uint32_t(head_dim * 3 + layout.q_heads + q_len));
+        for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
+          options.threads = 1;
+          check_against_reference<Isa>(p, options);
+        }
+      }
+}
+
 TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile and vector width",
                         "[attend][isa]", kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) {
-    WARN("this CPU cannot run " << Isa::name << "; skipped");
-    return;
-  }
+  if (!cpu_runs<Isa>()) return;
   // head_dim below, at and above the vector widths (1, 4, 8, 16); query rows
   // (group_size x q_len) below, at and above the row tiles; key counts around the 64-key
   // (staged) and many-row blocks (120 keys with 16 registers, 128 with 32; Q.K tiles of 6
@@ -111,7 +151,7 @@ TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile 
 TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows longer than the register tile",
                         "[attend][isa]", kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  if (!cpu_runs<Isa>()) return;
   // Few-row (decode) tasks whose head_dim rows exceed the P.V register tile (on 16-register
   // ISAs one row's pass accumulates the rest of its row in L1; two to four rows take one
   // pass with every row's sums in L1, two keys per step and an odd block's last key alone;
@@ -142,7 +182,7 @@ TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows 
 TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges exactly", "[attend][isa][threads]",
                         kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  if (!cpu_runs<Isa>()) return;
   // One KV head and one query: only key splits can use a second thread.
   for (int threads : {1, 2, 3, 8})
     for (const HeadLayout& layout : {HeadLayout{8, 1, 64}, HeadLayout{4, 4, 17}, HeadLayout{32, 1, 128}}) {
@@ -157,7 +197,7 @@ TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges ex
 TEMPLATE_LIST_TEST_CASE("every ISA's plain-memory decode, read in key chunks head by head, matches the reference",
                         "[attend][isa][threads]", kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  if (!cpu_runs<Isa>()) return;
   // Plain-memory decode with several KV heads splits the keys into 256-key chunks, runs
   // every head of a chunk in turn and merges the chunks. Lengths below, at and around two
   // chunks, a tail, many chunks; a window that leaves most chunks without a visible key;
@@ -263,7 +303,7 @@ struct PrefillResult {
 TEMPLATE_LIST_TEST_CASE("every ISA's prefill with queries and outputs staged head-major equals the unstaged call bit for bit",
                         "[attend][isa]", kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  if (!cpu_runs<Isa>()) return;
   // Prefills with many queries copy them head-major and write their outputs there first
   // (HeadMajorStaging); here the threshold is lowered so small shapes take that path. A
   // row's arithmetic does not depend on where its query came from, so plain memory and
@@ -350,7 +390,7 @@ TEST_CASE("attend runs on a pool the caller passes in", "[attend][threads]") {
 TEMPLATE_LIST_TEST_CASE("every ISA attends in place (out == q) exactly as into separate memory", "[attend][isa][alias]",
                         kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  if (!cpu_runs<Isa>()) return;
   // The entry points document out == q as allowed: every output row is written after the
   // last read of its own query row, on every path. Decode split over threads (merged
   // after all tasks), prefill with and without head-major staging, plain memory and cache.

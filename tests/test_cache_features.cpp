@@ -3,10 +3,12 @@
 // and log-sum-exp outputs with an exact merge. All checked against the reference.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
+#include "cpu_isas.hpp"
 #include "test_support.hpp"
 
 using kvheads::AttentionOptions;
@@ -70,15 +72,60 @@ void check_storage() {
         }
 }
 
+// A ring that has wrapped: the kernel reads its keys in two segments (from the oldest
+// slot to the end, then from slot 0), and int8 each slot's own scale, on every storage
+// type. Against the reference over the tokens the ring holds, with its window.
+template <class T, class Isa>
+void check_ring_storage() {
+  for (int head_dim : {17, 128})
+    for (const HeadLayout& layout : {HeadLayout{4, 4, head_dim}, HeadLayout{8, 2, head_dim}, HeadLayout{8, 1, head_dim}})
+      for (int q_len : {1, 3})
+        for (int window : {37, 300})
+          for (int threads : {1, 2}) {
+            const int total = 3 * window + 11;  // wrapped three times: the oldest slot sits mid-ring
+            const Problem p(layout, q_len, total, std::uint32_t(head_dim + window + q_len));
+            auto ring = KvCache<T>::ring(layout, window, q_len);
+            for (int done = 0; done < total; done += 7) {
+              const int n = std::min(7, total - done);
+              const std::ptrdiff_t offset = std::ptrdiff_t(done) * layout.kv_width();
+              ring.append(p.k.data() + offset, p.v.data() + offset, n);
+            }
+            AttentionOptions options = option_sets().back();
+            options.window = 0;  // the ring's own
+            options.threads = threads;
+            INFO(describe(layout, q_len, total, options) << " ring window " << window << " storage " << storage_name<T>()
+                                                         << " isa " << Isa::name);
+            std::vector<float> out(p.out_size());
+            kvheads::attend<Isa>(p.q.data(), q_len, ring, out.data(), options);
+            const auto [k, v] = cached_kv(ring);
+            AttentionOptions reference_options = options;
+            reference_options.window = window;
+            std::vector<float> expected(p.out_size());
+            kvheads::reference_attend(p.q.data(), k.data(), v.data(), expected.data(), q_len, ring.size(), layout,
+                                      reference_options);
+            CHECK(relative_error(out, expected) <= tolerance);
+          }
+}
+
 }  // namespace
 
 TEMPLATE_LIST_TEST_CASE("bf16, fp16 and int8 caches match the reference on every ISA", "[cache][storage][isa]",
                         kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  if (!cpu_runs<Isa>()) return;
   check_storage<kvheads::bf16, Isa>();
   check_storage<kvheads::fp16, Isa>();
   check_storage<std::int8_t, Isa>();
+}
+
+TEMPLATE_LIST_TEST_CASE("wrapped rings of every storage type match the reference on every ISA",
+                        "[cache][storage][ring][isa]", kvheads::simd::enabled_isas) {
+  using Isa = TestType;
+  if (!cpu_runs<Isa>()) return;
+  check_ring_storage<float, Isa>();
+  check_ring_storage<kvheads::bf16, Isa>();
+  check_ring_storage<kvheads::fp16, Isa>();
+  check_ring_storage<std::int8_t, Isa>();
 }
 
 TEST_CASE("a moved-from cache is empty and usable again; a growable cache may re-append its own tokens",
@@ -403,7 +450,7 @@ TEST_CASE("drop_last, truncate, copies, reserve and growth keep the cache consis
 TEMPLATE_LIST_TEST_CASE("attention sinks join the softmax denominator on every ISA", "[attend][sinks][isa]",
                         kvheads::simd::enabled_isas) {
   using Isa = TestType;
-  if (!kvheads::simd::cpu_supports<Isa>()) return;
+  if (!cpu_runs<Isa>()) return;
   for (const HeadLayout& layout : {HeadLayout{4, 4, 17}, HeadLayout{8, 2, 64}, HeadLayout{16, 1, 32}}) {
     std::vector<float> sinks = random_vector(std::size_t(layout.q_heads), 12, 2.f);
     sinks[0] = 30.f;  // a sink that dominates its head

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_isas.hpp"
 #include "test_support.hpp"
 
 using kvheads::AttentionOptions;
@@ -42,7 +43,7 @@ template <class F>
 void for_each_cpu_isa(F&& f) {
   kvheads::simd::for_each_enabled_isa([&](auto isa) {
     using Isa = decltype(isa);
-    if (kvheads::simd::cpu_supports<Isa>()) f(isa);
+    if (cpu_runs<Isa>()) f(isa);
   });
 }
 
