@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -137,6 +138,7 @@ void check_row(const Row& row) {
 TEST_CASE("every public entry point rejects every invalid argument and names it", "[errors]") {
   const HeadLayout layout{4, 2, 8};  // q_width 32, kv_width 16
   std::vector<float> q(64 * 32, 0.5f), k(64 * 16, 0.25f), v(64 * 16, -0.5f), out(64 * 32), lse(64 * 4);
+  std::vector<float> joint_kv(128, 0.25f);  // k of 2 tokens at 0, v at 96
   std::vector<Row> rows;
   auto add = [&](std::string entry, std::string argument, std::string message, std::function<void()> call,
                  Throws kind = Throws::invalid_argument) {
@@ -210,11 +212,17 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     // out == q is allowed (in place); out inside k or v, or over part of q, is not.
     add(e, "out == k", "out (", plain(which, q.data(), k.data(), v.data(), k.data(), 1, 2));
     add(e, "out inside k", "overlaps k (", plain(which, q.data(), k.data(), v.data(), k.data() + 20, 1, 2));
+    // k and v carved out of one buffer with a gap, so that out can end inside v without
+    // touching k (or pointing outside any array).
     add(e, "out ending inside v", "out must not share memory with v",
-        plain(which, q.data(), k.data(), v.data(), v.data() - 31, 1, 2));
+        plain(which, q.data(), joint_kv.data(), joint_kv.data() + 96, joint_kv.data() + 65, 1, 2));
     add(e, "out over part of q", "overlaps q (", plain(which, q.data(), k.data(), v.data(), q.data() + 8, 2, 2));
     add(e, "q over part of out", "unless it is exactly the same array",
         plain(which, out.data() + 32, k.data(), v.data(), out.data(), 2, 2));
+    AttentionOptions sinks_in_out;
+    sinks_in_out.sinks = out.data() + 3;
+    add(e, "options.sinks inside out", "overlaps options.sinks",
+        plain(which, q.data(), k.data(), v.data(), out.data(), 1, 2, sinks_in_out));
   }
   add("attend<default_isa> (plain, lse)", "lse inside out", "lse (", [&] {
     kvheads::attend<kvheads::simd::default_isa>(q.data(), k.data(), v.data(), out.data(), 2, 2, layout, {},
@@ -254,6 +262,10 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
     add(e, "out null", "out is null but its length is 2", cached(which, q.data(), 2, nullptr));
     add(e, "out over part of q", "out must not share memory with q unless it is exactly the same array",
         cached(which, q.data(), 2, q.data() + 1));
+    AttentionOptions sinks_in_out;
+    sinks_in_out.sinks = out.data() + 40;
+    add(e, "options.sinks inside out", "out must not share memory with options.sinks",
+        cached(which, q.data(), 2, out.data(), sinks_in_out));
     for (const auto& [options, message] : bad_options())
       add(e, "options: " + message, message, cached(which, q.data(), 1, out.data(), options));
   }
@@ -299,7 +311,7 @@ TEST_CASE("every public entry point rejects every invalid argument and names it"
                                                      {q.data() + 256, 1, &cache, q.data() + 40, nullptr}};
     kvheads::attend(items);
   });
-  add("attend (batch)", "an lse inside another item's out", "items[0].out overlaps items[1].lse", [&] {
+  add("attend (batch)", "an lse inside another item's out", "items[1].lse overlaps items[0].out", [&] {
     std::vector<kvheads::AttendItem<float>> items = {{q.data(), 1, &cache, out.data(), nullptr},
                                                      {q.data(), 1, &cache, out.data() + 64, out.data() + 10}};
     kvheads::attend(items);
@@ -664,8 +676,10 @@ TEST_CASE("bf16 and fp16 caches refuse a finite value that would round to inf, a
     ring.append(long_k.data(), long_k.data(), 4);
     CHECK(ring.size() == 2);
   };
-  check(kvheads::fp16{}, 65520.f, "beyond fp16's largest finite value (65504)");
-  check(kvheads::bf16{}, kvheads::detail::bits_float(0x7F7F8000u), "beyond bf16's largest finite value");
+  check(kvheads::fp16{}, 65520.f, "beyond fp16's largest finite value (65504): it would be stored as inf (use a "
+                                  "float or bf16 cache");
+  check(kvheads::bf16{}, kvheads::detail::bits_float(0x7F7F8000u),
+        "beyond bf16's largest finite value (3.3895314e+38): it would be stored as inf (use a float cache,");
   // The limits are where the conversions start giving inf.
   CHECK(std::isinf(kvheads::fp16::from_float(65520.f).to_float()));
   CHECK(std::isfinite(kvheads::fp16::from_float(std::nextafter(65520.f, 0.f)).to_float()));
@@ -677,4 +691,71 @@ TEST_CASE("bf16 and fp16 caches refuse a finite value that would round to inf, a
   std::vector<float> big(16, std::numeric_limits<float>::max());
   plain.append(big.data(), big.data(), 1);
   CHECK(plain.size() == 1);
+}
+
+TEST_CASE("a batch is refused exactly when a pairwise check finds a written array overlapping another", "[errors]") {
+  // The batch check sweeps the arrays sorted by address (no pairwise comparisons); here
+  // random batches over one buffer, where items often share or straddle each other's
+  // arrays, are checked against every pair, the item's own rules included.
+  const HeadLayout layout{4, 2, 8};  // q_width 32, 4 heads
+  std::vector<float> kv(3 * 16, 0.5f);
+  KvCache<float> cache(layout, 4);
+  cache.append(kv.data(), kv.data(), 3);
+  std::vector<float> buffer(900, 0.25f);
+  std::mt19937 rng(7);
+  struct Span {
+    std::ptrdiff_t begin, end;
+  };
+  const auto overlap = [](Span a, Span b) { return a.begin < b.end && b.begin < a.end; };
+  int refused = 0, run = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int count = 2 + int(rng() % 4);
+    std::vector<kvheads::AttendItem<float>> items(static_cast<std::size_t>(count));
+    std::vector<Span> q(items.size()), out(items.size()), lse(items.size());
+    std::vector<bool> has_lse(items.size());
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      const int q_len = 1 + int(rng() % 2);
+      const auto place = [&](std::ptrdiff_t floats) {
+        const std::ptrdiff_t at = std::ptrdiff_t(rng() % std::uint32_t(buffer.size() - std::size_t(floats) + 1));
+        return Span{at, at + floats};
+      };
+      q[i] = place(32 * q_len);
+      out[i] = rng() % 4 == 0 ? q[i] : place(32 * q_len);  // sometimes in place
+      has_lse[i] = rng() % 2 == 0;
+      lse[i] = has_lse[i] ? place(4 * q_len) : Span{0, 0};
+      items[i] = {buffer.data() + q[i].begin, q_len, &cache, buffer.data() + out[i].begin,
+                  has_lse[i] ? buffer.data() + lse[i].begin : nullptr};
+    }
+    bool expected = false;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      // The item's own rules: out is q or apart from it; lse apart from both.
+      const bool same = q[i].begin == out[i].begin;
+      expected |= !same && overlap(out[i], q[i]);
+      expected |= has_lse[i] && (overlap(lse[i], q[i]) || overlap(lse[i], out[i]));
+      for (std::size_t j = 0; j < items.size(); ++j) {
+        if (j == i) continue;
+        // What item i writes against everything of item j.
+        for (Span other : {q[j], out[j]}) expected |= overlap(out[i], other);
+        if (has_lse[j]) expected |= overlap(out[i], lse[j]);
+        if (has_lse[i]) {
+          for (Span other : {q[j], out[j]}) expected |= overlap(lse[i], other);
+          if (has_lse[j]) expected |= overlap(lse[i], lse[j]);
+        }
+      }
+    }
+    bool threw = false;
+    try {
+      kvheads::AttentionOptions options;
+      options.threads = 1;
+      kvheads::attend(items, options);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    INFO("trial " << trial << ", " << count << " items");
+    REQUIRE(threw == expected);
+    (threw ? refused : run) += 1;
+  }
+  INFO(refused << " refused, " << run << " run");
+  CHECK(refused > 300);  // both outcomes are common
+  CHECK(run > 300);
 }

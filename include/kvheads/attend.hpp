@@ -86,12 +86,12 @@ inline AttendArgs<float> plain_args(const float* q, const float* k, const float*
   const FloatSpan out_span{out, q_span.floats, "out"};
   const FloatSpan k_span{k, std::ptrdiff_t(kv_len) * layout.kv_width(), "k"};
   const FloatSpan v_span{v, k_span.floats, "v"};
+  const FloatSpan sinks_span{options.sinks, layout.q_heads, "options.sinks"};
   require_disjoint(out_span, q_span, /*may_be_identical=*/true);
-  require_disjoint(out_span, k_span);
-  require_disjoint(out_span, v_span);
+  for (const FloatSpan& other : {k_span, v_span, sinks_span}) require_disjoint(out_span, other);
   if (lse != nullptr) {
     const FloatSpan lse_span{lse, std::ptrdiff_t(q_len) * layout.q_heads, "lse"};
-    for (const FloatSpan& other : {q_span, k_span, v_span, out_span}) require_disjoint(lse_span, other);
+    for (const FloatSpan& other : {q_span, k_span, v_span, out_span, sinks_span}) require_disjoint(lse_span, other);
   }
   AttendArgs<float> args;
   set_dense_queries(args, layout, q, out);
@@ -168,11 +168,12 @@ AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, flo
   const HeadLayout& layout = cache.layout();
   const FloatSpan q_span{q, std::ptrdiff_t(q_len) * layout.q_width(), "q"};
   const FloatSpan out_span{out, q_span.floats, "out"};
+  const FloatSpan sinks_span{options.sinks, layout.q_heads, "options.sinks"};
   require_disjoint(out_span, q_span, /*may_be_identical=*/true);
+  require_disjoint(out_span, sinks_span);
   if (lse != nullptr) {
     const FloatSpan lse_span{lse, std::ptrdiff_t(q_len) * layout.q_heads, "lse"};
-    require_disjoint(lse_span, q_span);
-    require_disjoint(lse_span, out_span);
+    for (const FloatSpan& other : {q_span, out_span, sinks_span}) require_disjoint(lse_span, other);
   }
   AttendArgs<T> args;
   set_dense_queries(args, layout, q, out);
@@ -229,8 +230,8 @@ inline void attend(const float* q, const float* k, const float* v, float* out, i
 /// Attention over plain memory (stable entry point):
 /// q [q_len][q_heads][head_dim]; k, v [kv_len][kv_heads][head_dim]; out like q.
 /// Query row i sits at position kv_len - q_len + i (bottom-right alignment).
-/// out may be q itself (attention in place); out overlapping k, v or part of q throws
-/// std::invalid_argument, as does an lse overlapping any other array.
+/// out may be q itself (attention in place); out overlapping k, v, options.sinks or part
+/// of q throws std::invalid_argument, as does an lse overlapping any other array.
 inline void attend(const float* q, const float* k, const float* v, float* out, int q_len, int kv_len,
                    HeadLayout layout, const AttentionOptions& options = {}) {
   attend<simd::default_isa>(q, k, v, out, q_len, kv_len, layout, options);
@@ -272,8 +273,8 @@ struct AttendItem {
 namespace detail {
 
 // Throws when one item's out or lse shares memory with another item's q, out or lse (each
-// item's own arrays are checked by cache_args). Sorted by address, so only arrays that do
-// overlap are compared: no quadratic cost for large batches.
+// item's own arrays are checked by cache_args). One sweep over the arrays sorted by
+// address, O(n log n) even when every item shares one q.
 template <class T>
 void require_items_disjoint(const AttendItem<T>* items, std::size_t count) {
   struct Entry {
@@ -281,6 +282,22 @@ void require_items_disjoint(const AttendItem<T>* items, std::size_t count) {
     std::size_t item;
     const char* name;
     bool written;
+  };
+  // Of the arrays swept so far, the one reaching furthest and the furthest-reaching one of
+  // any other item: whatever item an array belongs to, one of the two is the furthest
+  // reaching array of another item, the only one it needs to be compared with.
+  struct Furthest {
+    const Entry* best = nullptr;
+    const Entry* other_item = nullptr;
+    const Entry* from_other_than(std::size_t item) const { return best && best->item != item ? best : other_item; }
+    void add(const Entry& e) {
+      if (best == nullptr || e.end > best->end) {
+        if (best != nullptr && best->item != e.item) other_item = best;
+        best = &e;
+      } else if (e.item != best->item && (other_item == nullptr || e.end > other_item->end)) {
+        other_item = &e;
+      }
+    }
   };
   thread_local std::vector<Entry> entries;  // reused: no allocation per call
   entries.clear();
@@ -297,16 +314,19 @@ void require_items_disjoint(const AttendItem<T>* items, std::size_t count) {
     add(i, items[i].lse, rows * layout.q_heads, "lse", true);
   }
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.begin < b.begin; });
-  for (std::size_t a = 0; a < entries.size(); ++a)
-    for (std::size_t b = a + 1; b < entries.size() && entries[b].begin < entries[a].end; ++b) {
-      const Entry& x = entries[a];
-      const Entry& y = entries[b];
-      if (x.item == y.item || !(x.written || y.written)) continue;
-      const Entry& written = x.written ? x : y;
-      const Entry& other = x.written ? y : x;
+  Furthest any_array, written_array;
+  for (const Entry& e : entries) {
+    // A written array may meet no other item's array; a read-only one no other item's written one.
+    const Entry* earlier = (e.written ? any_array : written_array).from_other_than(e.item);
+    if (earlier != nullptr && earlier->end > e.begin) {
+      const Entry& written = e.written ? e : *earlier;
+      const Entry& other = e.written ? *earlier : e;
       throw_invalid("items[", written.item, "].", written.name, " overlaps items[", other.item, "].", other.name,
                     ": an item's out and lse must not share memory with another item's q, out or lse");
     }
+    any_array.add(e);
+    if (e.written) written_array.add(e);
+  }
 }
 
 }  // namespace detail
