@@ -117,6 +117,8 @@ TEST_CASE("simd: every ISA named in KVHEADS_REQUIRE_ISAS is compiled in and runs
   std::string name;
   int checked = 0;
   while (std::getline(names, name, ',')) {
+    name.erase(0, name.find_first_not_of(" \t"));  // "scalar, avx2" names avx2 too
+    name.erase(name.find_last_not_of(" \t") + 1);
     if (name.empty()) continue;
     bool compiled = false, runs = false;
     simd::for_each_enabled_isa([&](auto isa) {

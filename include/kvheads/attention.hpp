@@ -139,9 +139,6 @@ class Attention {
     if (rope_.enabled)
       detail::apply_rope(q.data(), layout_.q_heads, k.data(), layout_.kv_heads, n_tokens, layout_.head_dim,
                          cache.position(), rope_);
-    // A separate output buffer: tasks of other heads still read their queries from q.
-    // Allocated before the append, so that running out of memory leaves the cache as it was.
-    std::vector<float> attended(q.size());
     // What the append overwrites, saved first: the attention and the output projection
     // after it can still throw (std::bad_alloc for per-thread scratch or Eigen's blocks,
     // std::system_error when the thread pool is first created), and then the append is
@@ -149,9 +146,12 @@ class Attention {
     const typename Cache::AppendUndo undo = cache.save_for_append(n_tokens);
     cache.append(k.data(), v.data(), n_tokens);
     try {
+      // In place: attend() writes each output row only after the last read of its own
+      // query row (tests/test_attend.cpp, "every ISA attends in place ..."), so q needs no
+      // second buffer.
       detail::dispatch_fused_static<simd::default_isa, HeadDim, GroupSize>(
-          detail::cache_args(q.data(), n_tokens, cache, attended.data(), options, nullptr));
-      detail::project(attended.data(), n_tokens, wo_, out);
+          detail::cache_args(q.data(), n_tokens, cache, q.data(), options, nullptr));
+      detail::project(q.data(), n_tokens, wo_, out);
     } catch (...) {
       cache.undo_append(undo);
       throw;

@@ -53,6 +53,7 @@ struct KvStorage<bf16> {
   // Finite magnitudes from here on round to inf (halfway past the largest bf16).
   static float overflow_from() { return bits_float(0x7F7F8000u); }
   static constexpr const char* largest_finite = "bf16's largest finite value (3.3895314e+38)";
+  static constexpr const char* wider = "a float cache";
   static void store(const float* src, bf16* dst, float*, int n) {
     for (int i = 0; i < n; ++i) dst[i] = bf16::from_float(src[i]);
   }
@@ -65,6 +66,7 @@ struct KvStorage<fp16> {
   // Finite magnitudes from here on round to inf (halfway past 65504).
   static float overflow_from() { return 65520.f; }
   static constexpr const char* largest_finite = "fp16's largest finite value (65504)";
+  static constexpr const char* wider = "a float or bf16 cache";
   static void store(const float* src, fp16* dst, float*, int n) {
     for (int i = 0; i < n; ++i) dst[i] = fp16::from_float(src[i]);
   }
@@ -333,7 +335,7 @@ class KvCache {
       while (!overflows(data[i])) ++i;
       detail::throw_invalid(name, "[token ", i / width, "][kv head ", (i % width) / layout_.head_dim, "][dim ",
                             i % layout_.head_dim, "] (", data[i], ") is beyond ", detail::KvStorage<T>::largest_finite,
-                            ": it would be stored as inf (use a float or bf16 cache, or smaller values)");
+                            ": it would be stored as inf (use ", detail::KvStorage<T>::wider, ", or smaller values)");
     } else {
       (void)data, (void)name, (void)first_token, (void)n_tokens;
     }
