@@ -258,6 +258,7 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
   }
 
   bool start_object(std::size_t) override {
+    if (skips_container()) return true;
     if (level_ == Level::kBeforeRoot) {
       level_ = Level::kRoot;
     } else if (level_ == Level::kRoot && root_value_is_metadata_) {
@@ -273,6 +274,7 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
     return true;
   }
   bool start_array(std::size_t) override {
+    if (skips_container()) return true;
     if (level_ == Level::kEntry && field_ == Field::kShape) {
       level_ = Level::kShape;
     } else if (level_ == Level::kEntry && field_ == Field::kOffsets) {
@@ -284,6 +286,7 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
     return true;
   }
   bool end_object() override {
+    if (level_ == Level::kSkip) return close_skipped();
     if (level_ == Level::kEntry) {
       refuse_duplicate_unknown_field();
       if (!has_dtype_) throw_invalid(entry_context(), ": missing \"dtype\"");
@@ -294,6 +297,7 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
     return true;
   }
   bool end_array() override {
+    if (level_ == Level::kSkip) return close_skipped();
     if (level_ == Level::kShape && array_length_ > kSafetensorsMaxRank)
       throw_invalid(entry_context(), ": shape has ", array_length_, " dimensions (at most ", kSafetensorsMaxRank,
                     " are supported)");
@@ -305,6 +309,7 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
   }
 
   bool key(Json::string_t& key) override {
+    if (level_ == Level::kSkip) return true;
     if (level_ == Level::kRoot) {
       root_value_is_metadata_ = key == "__metadata__";
       if (root_value_is_metadata_) {
@@ -337,7 +342,28 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
 
  private:
   // Where the next value goes: which container is innermost, and in a tensor entry, which field.
-  enum class Level { kBeforeRoot, kRoot, kMetadata, kEntry, kShape, kOffsets, kAfterRoot };
+  enum class Level { kBeforeRoot, kRoot, kMetadata, kEntry, kShape, kOffsets, kSkip, kAfterRoot };
+  // serde_json's default recursion limit: the reference reader refuses deeper nesting too.
+  static constexpr std::size_t kMaxSkippedDepth = 128;
+
+  // An unknown field of a tensor entry may hold anything, as in the reference reader: its
+  // containers are walked, keeping only their depth, and dropped.
+  bool skips_container() {
+    if (level_ == Level::kSkip) {
+      if (++skipped_depth_ > kMaxSkippedDepth)
+        throw_invalid(entry_context(), ": unknown field ", quote_text(key_), " nests deeper than ", kMaxSkippedDepth,
+                      " levels");
+      return true;
+    }
+    if (level_ != Level::kEntry || field_ != Field::kUnknown) return false;
+    level_ = Level::kSkip;
+    skipped_depth_ = 1;
+    return true;
+  }
+  bool close_skipped() {
+    if (--skipped_depth_ == 0) level_ = Level::kEntry;
+    return true;
+  }
   enum class Field { kDtype, kShape, kOffsets, kUnknown };
 
   std::string entry_context() const { return "safetensors tensor " + quote_text(*entry_name_); }
@@ -399,6 +425,8 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
         (array_length_ == 0 ? entry_->begin : entry_->end) = std::uint64_t(element_size(value));
         ++array_length_;
         return true;
+      case Level::kSkip:
+        return true;
       case Level::kAfterRoot:
         break;
     }
@@ -421,7 +449,7 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
       case Field::kUnknown:
         break;
     }
-    return true;  // the reference reader ignores fields it does not know; so do we, if they are scalars
+    return true;  // the reference reader ignores fields it does not know; so do we
   }
 
   // A container where the schema has none: refused as it opens, before any of it is read.
@@ -438,13 +466,12 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
       case Level::kEntry:
         if (field_ == Field::kDtype) throw_invalid(entry_context(), ": dtype must be a string, got ", type);
         if (field_ == Field::kShape) throw_invalid(entry_context(), ": shape must be an array, got ", type);
-        if (field_ == Field::kOffsets)
-          throw_invalid(entry_context(), ": data_offsets must be [begin, end], got ", type);
-        throw_invalid(entry_context(), ": unknown field ", quote_text(key_), " holds an ", type,
-                      " (unknown fields are ignored, so they may hold only a string, number, boolean or null)");
+        // data_offsets holding an object (an unknown field's containers are skipped).
+        throw_invalid(entry_context(), ": data_offsets must be [begin, end], got ", type);
       case Level::kShape:
       case Level::kOffsets:
         throw_invalid(element_context(), " must be a non-negative integer, got ", type);
+      case Level::kSkip:
       case Level::kAfterRoot:
         break;
     }
@@ -464,6 +491,7 @@ class HeaderReader final : public nlohmann::json_sax<nlohmann::json> {
   std::vector<std::uint32_t> unknown_name_ends_;
   std::string key_;               // the metadata key or entry field whose value comes next
   std::size_t array_length_ = 0;  // values so far in the shape or data_offsets being read
+  std::size_t skipped_depth_ = 0;  // open containers of the unknown field being skipped
 };
 
 inline void write_u64_le(std::uint64_t v, unsigned char* p) {
@@ -996,8 +1024,9 @@ inline bool same_file(const std::filesystem::path& a, const std::filesystem::pat
 /// overwrite the input file or the input config, or to write where a directory stands. Throws
 /// std::invalid_argument on bad input and std::runtime_error on I/O failure; nothing is written
 /// unless the conversion succeeds. Both files are written in full before either is renamed into
-/// place; should renaming the config then fail, a model that was not there before the call is
-/// removed again, and the message says what was and was not written.
+/// place, and a model already at out_path is moved aside until both are: should renaming the
+/// config then fail, the original model is put back (or the new one removed), and the message
+/// says what was left.
 inline ConvertFileResult convert_checkpoint_file(const std::string& in_path, const std::string& out_path,
                                                  const ConvertFileOptions& options) {
   namespace fs = std::filesystem;
@@ -1085,23 +1114,47 @@ inline ConvertFileResult convert_checkpoint_file(const std::string& in_path, con
   }
   std::error_code error;
   const bool model_existed = fs::exists(fs::symlink_status(out_file, error));
+  const auto drop_temporaries = [&] {
+    std::error_code ignored;
+    fs::remove(detail::temporary_sibling(out_file), ignored);
+    if (!config_in.empty()) fs::remove(detail::temporary_sibling(config_out), ignored);
+  };
+  // A model already at out_path is moved aside first, so that a config rename that still
+  // fails can put it back: the call then leaves every file as it found it.
+  fs::path old_model = out_file;
+  old_model += ".kvheads-old";
+  const bool set_aside = model_existed && !config_in.empty();
+  if (set_aside) {
+    fs::rename(out_file, old_model, error);
+    if (error) {
+      drop_temporaries();
+      throw std::runtime_error(detail::concat("cannot move ", quote_text(out_file.string(), 1000), " aside to ",
+                                              quote_text(old_model.string(), 1000), ": ", error.message(),
+                                              " (nothing was written)"));
+    }
+  }
+  const auto restore = [&]() -> std::string {  // what the failed call leaves behind
+    std::error_code failed;
+    if (set_aside) {
+      fs::rename(old_model, out_file, failed);
+      if (failed)
+        return " (the original model is kept as " + quote_text(old_model.string(), 1000) + ": " + failed.message() +
+               ")";
+    } else if (fs::exists(fs::symlink_status(out_file, failed))) {
+      fs::remove(out_file, failed);
+      if (failed) return " (" + quote_text(out_file.string(), 1000) + " could not be removed again)";
+    }
+    return " (nothing was written)";
+  };
   const std::string model_failure = detail::move_temporary_sibling(out_file);
   if (!model_failure.empty()) {
-    std::error_code ignored;
-    if (!config_in.empty()) fs::remove(detail::temporary_sibling(config_out), ignored);
-    throw std::runtime_error(model_failure + " (nothing was written)");
+    drop_temporaries();
+    throw std::runtime_error(model_failure + (set_aside ? restore() : std::string(" (nothing was written)")));
   }
   if (!config_in.empty()) {
     const std::string config_failure = detail::move_temporary_sibling(config_out);
-    if (!config_failure.empty()) {
-      std::error_code removed;
-      if (!model_existed && fs::remove(out_file, removed) && !removed)
-        throw std::runtime_error(config_failure + " (nothing was written: " + quote_text(out_file.string(), 1000) +
-                                 " was removed again)");
-      throw std::runtime_error(config_failure + " (" + quote_text(out_file.string(), 1000) +
-                               (model_existed ? " was replaced by the converted model" : " was written") +
-                               ", but the config was not)");
-    }
+    if (!config_failure.empty()) throw std::runtime_error(config_failure + restore());
+    if (set_aside) fs::remove(old_model, error);  // a leftover copy is harmless; the call succeeded
     result.config_in = config_in.string();
     result.config_out = config_out.string();
   }
