@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -74,6 +75,25 @@ void set_dense_queries(AttendArgs<T>& args, const HeadLayout& layout, const floa
   args.out_head_stride = layout.head_dim;
 }
 
+/// What a call writes must not overlap what it reads: threads write outputs while others
+/// still read inputs. `out` may be `q` itself (in place: every output row is written after
+/// the last read of its own query row) but no other part of q and nothing else; `lse` may
+/// overlap nothing. `kv`: the call's K and V when they are the caller's memory.
+inline void require_outputs_disjoint(const float* q, const float* out, const float* lse, int q_len,
+                                     const HeadLayout& layout, const AttentionOptions& options,
+                                     std::initializer_list<FloatSpan> kv) {
+  const FloatSpan q_span{q, std::ptrdiff_t(q_len) * layout.q_width(), "q"};
+  const FloatSpan out_span{out, q_span.floats, "out"};
+  const FloatSpan sinks_span{options.sinks, layout.q_heads, "options.sinks"};
+  require_disjoint(out_span, q_span, /*may_be_identical=*/true);
+  require_disjoint(out_span, sinks_span);
+  for (const FloatSpan& input : kv) require_disjoint(out_span, input);
+  if (lse == nullptr) return;
+  const FloatSpan lse_span{lse, std::ptrdiff_t(q_len) * layout.q_heads, "lse"};
+  for (const FloatSpan& other : {q_span, out_span, sinks_span}) require_disjoint(lse_span, other);
+  for (const FloatSpan& input : kv) require_disjoint(lse_span, input);
+}
+
 inline AttendArgs<float> plain_args(const float* q, const float* k, const float* v, float* out, int q_len, int kv_len,
                                     HeadLayout layout, const AttentionOptions& options, float* lse) {
   layout.validate();
@@ -82,17 +102,8 @@ inline AttendArgs<float> plain_args(const float* q, const float* k, const float*
   require_pointer(out, q_len, "out");
   require_pointer(k, kv_len, "k");
   require_pointer(v, kv_len, "v");
-  const FloatSpan q_span{q, std::ptrdiff_t(q_len) * layout.q_width(), "q"};
-  const FloatSpan out_span{out, q_span.floats, "out"};
   const FloatSpan k_span{k, std::ptrdiff_t(kv_len) * layout.kv_width(), "k"};
-  const FloatSpan v_span{v, k_span.floats, "v"};
-  const FloatSpan sinks_span{options.sinks, layout.q_heads, "options.sinks"};
-  require_disjoint(out_span, q_span, /*may_be_identical=*/true);
-  for (const FloatSpan& other : {k_span, v_span, sinks_span}) require_disjoint(out_span, other);
-  if (lse != nullptr) {
-    const FloatSpan lse_span{lse, std::ptrdiff_t(q_len) * layout.q_heads, "lse"};
-    for (const FloatSpan& other : {q_span, k_span, v_span, out_span, sinks_span}) require_disjoint(lse_span, other);
-  }
+  require_outputs_disjoint(q, out, lse, q_len, layout, options, {k_span, FloatSpan{v, k_span.floats, "v"}});
   AttendArgs<float> args;
   set_dense_queries(args, layout, q, out);
   args.k = k;
@@ -166,15 +177,8 @@ AttendArgs<T> cache_args(const float* q, int q_len, const KvCache<T>& cache, flo
   require_pointer(q, q_len, "q");
   require_pointer(out, q_len, "out");
   const HeadLayout& layout = cache.layout();
-  const FloatSpan q_span{q, std::ptrdiff_t(q_len) * layout.q_width(), "q"};
-  const FloatSpan out_span{out, q_span.floats, "out"};
-  const FloatSpan sinks_span{options.sinks, layout.q_heads, "options.sinks"};
-  require_disjoint(out_span, q_span, /*may_be_identical=*/true);
-  require_disjoint(out_span, sinks_span);
-  if (lse != nullptr) {
-    const FloatSpan lse_span{lse, std::ptrdiff_t(q_len) * layout.q_heads, "lse"};
-    for (const FloatSpan& other : {q_span, out_span, sinks_span}) require_disjoint(lse_span, other);
-  }
+  // A cache's planes are its own allocation, so only the caller's arrays can overlap.
+  require_outputs_disjoint(q, out, lse, q_len, layout, options, {});
   AttendArgs<T> args;
   set_dense_queries(args, layout, q, out);
   args.k = cache.keys();
