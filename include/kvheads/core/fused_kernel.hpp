@@ -285,6 +285,9 @@ struct Tiling {
   /// core, six alternating pairs: 5.33-5.67 -> 4.66-4.89 ms (0.87-0.90x); 2 threads
   /// 0.82-0.90x; without the requests 6.75-6.85 ms, with them 8 keys ahead 5.3-6.1.
   /// Groups of 4 (GQA-8) gained nothing from pairs in cache, so they keep one key at a time.
+  /// Tried again on Zen 5 with the own-row requests (bench_attend built both ways, run in
+  /// turn, medians of 4 rounds): 0.97x / 0.97x the time at 16384 keys on 1 / 2 threads,
+  /// 0.94x at 4096, in cache 1.00x / 0.93x, every one within the rounds' spread: not kept.
   static constexpr bool dims_key_pairs(int rows) { return dims_one_chain(rows) && 2 * rows <= width; }
   static constexpr int dims_pair_ahead = 16;
   /// Tasks of exactly 4 rows on AVX-512 (GQA groups of 4, the one-key loop) also
@@ -295,7 +298,9 @@ struct Tiling {
   /// 0.84-0.90x time on 1 thread, 0.85x on 2; 4096 keys 0.95x / 0.91x; head_dim 64 and 256
   /// (the same 8 KiB ahead) 0.99-1.00x. Fixed 16 keys at head_dim 64 was 1.18x; 8 keys 1.00x
   /// and 32 keys 0.98x at 128. Fewer rows lost: 3 rows 1.09x, 2 rows 1.15-1.19x, 1 row (MHA)
-  /// 1.15x; so did V rows requested 16-64 keys ahead in P.V (1.00-1.07x on 1 thread).
+  /// 1.15x; so did V rows requested 16-64 keys ahead in P.V (1.00-1.07x on 1 thread). On
+  /// Zen 5 16 KiB ahead lost to 8 (bench_attend built both ways, run in turn, medians of
+  /// 4 rounds: 1.12x / 1.05x the time on 1 / 2 threads, in cache 1.00x / 0.96x).
   /// Only 16-float vectors (AVX-512), where it was measured: NEON (32 registers of 4
   /// floats) is unmeasured and keeps the hardware prefetchers alone.
   static constexpr bool dims_own_ahead(int rows) { return many_registers && width >= 16 && rows == 4; }
@@ -383,8 +388,10 @@ struct Tiling {
   /// 2 layers, KvCache), Zen 4, both builds in one process taking turns, 15 rounds, run
   /// in both slot orders to cancel the harness's slot bias (1.05-1.07 between identical
   /// builds): 0.94x time on 1 thread and 0.94x on 2; groups of 8 (two passes instead of
-  /// four) and in cache (2048 keys) 0.96-0.97x by one order. Unmeasured on Zen 5, whose two
-  /// FMA pipes leave less time per key to hide the L1 chains behind.
+  /// four) and in cache (2048 keys) 0.96-0.97x by one order. On Zen 5, bench_attend built
+  /// with 0 (two passes) and with 2, run in turn, medians of 4 rounds: two passes took
+  /// 1.24x / 1.23x the time on 1 / 2 threads (1.09x / 1.17x with the K/V of two layers),
+  /// in cache 0.99x.
   static constexpr int pv_memory_chunks_wide = 2;
   /// Keys per tile when several rows share those whole-row passes, now only in blocks with
   /// masked keys (see pv_rows_in_l1_max). GQA-8 decode of 16384 keys on Zen 3, 1 thread,
