@@ -750,6 +750,40 @@ TEST_CASE("simd: tanh absolute error <= 2e-7 from -20 to 20", "[simd][tanh]") {
 
 // Run on purpose with: <test binary> "[exhaustive]" (about a minute per function on
 // one x86 core; much longer under qemu). Prints the measured figures quoted in vector_math.hpp.
+TEST_CASE("simd: max_finite_magnitude leaves out inf and NaN, at every position and length", "[simd]") {
+  for_each_runnable_isa([](auto isa) {
+    using Isa = decltype(isa);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    // Lengths through the four-vector loop, the one-vector loop and every tail; the floats
+    // past n are larger than any inside, so a read past the end changes the result.
+    for (int n = 0; n <= 9 * Isa::width + 3; ++n) {
+      INFO("n = " << n);
+      std::vector<float> data(std::size_t(n) + 2 * max_width, 1e30f);
+      for (int i = 0; i < n; ++i) data[std::size_t(i)] = std::sin(float(i) * 0.7f) * 10.f;
+      double expected = 0;
+      for (int i = 0; i < n; ++i) expected = std::max(expected, std::fabs(double(data[std::size_t(i)])));
+      CHECK(kvheads::simd::max_finite_magnitude<Isa>(data.data(), n) == float(expected));
+      for (int at = 0; at < n; ++at) {
+        INFO("largest at " << at);
+        std::vector<float> with = data;
+        with[std::size_t(at)] = at % 2 ? -5000.f : 5000.f;
+        with[std::size_t((at + 1) % n)] = at % 3 ? inf : -inf;  // the largest may be overwritten:
+        with[std::size_t((at + 2) % n)] = nan;                   // then only non-finite values remain big
+        double want = 0;
+        for (int i = 0; i < n; ++i)
+          if (std::isfinite(with[std::size_t(i)])) want = std::max(want, std::fabs(double(with[std::size_t(i)])));
+        CHECK(kvheads::simd::max_finite_magnitude<Isa>(with.data(), n) == float(want));
+      }
+      std::vector<float> non_finite(std::size_t(n), nan);
+      for (int i = 0; i < n; i += 2) non_finite[std::size_t(i)] = i % 4 ? inf : -inf;
+      CHECK(kvheads::simd::max_finite_magnitude<Isa>(non_finite.data(), n) == 0.f);
+    }
+    const float largest = std::numeric_limits<float>::max();
+    const float edge[] = {-largest, 1.f};
+    CHECK(kvheads::simd::max_finite_magnitude<Isa>(edge, 2) == largest);
+  });
+}
+
 TEST_CASE("simd: exp over every float of its range", "[.exhaustive][simd][exp]") {
   const auto results = sweep<true>(every_float(exp_lowest, exp_highest), exp_reference,
                                    [](auto isa, const float* x, float* y, int n) { eval_exp<decltype(isa)>(x, y, n); });

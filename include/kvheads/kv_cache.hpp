@@ -20,6 +20,7 @@
 #include "kvheads/core/aligned_allocator.hpp"
 #include "kvheads/core/check.hpp"
 #include "kvheads/head_layout.hpp"
+#include "kvheads/simd/simd.hpp"
 #include "kvheads/storage_types.hpp"
 
 namespace kvheads {
@@ -326,11 +327,10 @@ class KvCache {
       const std::ptrdiff_t width = layout_.kv_width();
       const std::ptrdiff_t begin = std::ptrdiff_t(first_token) * width, end = std::ptrdiff_t(n_tokens) * width;
       const float limit = detail::KvStorage<T>::overflow_from();
+      // One vector pass; the offender is looked for only when there is one.
+      if (simd::max_finite_magnitude<simd::default_isa>(data + begin, end - begin) < limit) return;
       constexpr float largest_float = std::numeric_limits<float>::max();
       const auto overflows = [&](float x) { return std::fabs(x) >= limit && std::fabs(x) <= largest_float; };
-      bool any = false;  // one branch-free pass; the offender is looked for only when there is one
-      for (std::ptrdiff_t i = begin; i < end; ++i) any |= overflows(data[i]);
-      if (!any) return;
       std::ptrdiff_t i = begin;
       while (!overflows(data[i])) ++i;
       detail::throw_invalid(name, "[token ", i / width, "][kv head ", (i % width) / layout_.head_dim, "][dim ",

@@ -1,7 +1,11 @@
 #pragma once
 // exp, the softmax's exp_nonpositive and tanh, written once over the vector interface, so
 // every ISA shares the same range reduction and polynomial and therefore the same
-// measured error bound.
+// measured error bound; and max_finite_magnitude, the reduced-precision caches' overflow
+// check.
+#include <cstddef>
+#include <limits>
+
 #include "kvheads/simd/register_hint.hpp"
 
 namespace kvheads::simd {
@@ -113,6 +117,34 @@ typename Isa::vec tanh(typename Isa::vec x) {
   const V near = Isa::fma(Isa::mul(p, x2), a, a);
   const V magnitude = Isa::select_less(a, Isa::broadcast(0.5f), near, far);
   return Isa::select_less(x, Isa::zero(), Isa::sub(Isa::zero(), magnitude), magnitude);
+}
+
+/// The largest |x| over the finite values of data[0, n), 0 when there are none (inf and
+/// NaN are left out). KvCache<bf16 / fp16>::append runs it over every appended value
+/// before storing any: the scalar loop it replaces, a compare pair per value that g++
+/// does not vectorise at -O2 or -O3, took 25-28% of an fp16 append's time (Zen 5, 1 and
+/// 512 tokens of 8 KV heads x 128).
+template <class Isa>
+float max_finite_magnitude(const float* data, std::ptrdiff_t n) {
+  using V = typename Isa::vec;
+  constexpr int width = Isa::width;
+  constexpr int chains = 4;  // independent max chains, so the loop runs at the loads' pace
+  const V zero = Isa::zero(), inf = Isa::broadcast(std::numeric_limits<float>::infinity());
+  // |x| < inf is false for inf and NaN, which then count as 0.
+  const auto finite_magnitude = [&](V x) {
+    const V magnitude = Isa::abs(x);
+    return Isa::select_less(magnitude, inf, magnitude, zero);
+  };
+  V largest[chains];
+  KVHEADS_UNROLL for (V& m : largest) m = zero;
+  std::ptrdiff_t i = 0;
+  for (; i + chains * width <= n; i += chains * width)
+    KVHEADS_UNROLL for (int c = 0; c < chains; ++c)
+      largest[c] = Isa::max(largest[c], finite_magnitude(Isa::load(data + i + c * width)));
+  for (; i + width <= n; i += width) largest[0] = Isa::max(largest[0], finite_magnitude(Isa::load(data + i)));
+  if (i < n) largest[0] = Isa::max(largest[0], finite_magnitude(Isa::load_partial(data + i, int(n - i))));
+  KVHEADS_UNROLL for (int c = 1; c < chains; ++c) largest[0] = Isa::max(largest[0], largest[c]);
+  return Isa::reduce_max(largest[0]);
 }
 
 }  // namespace kvheads::simd
