@@ -286,8 +286,9 @@ struct Tiling {
   /// 0.82-0.90x; without the requests 6.75-6.85 ms, with them 8 keys ahead 5.3-6.1.
   /// Groups of 4 (GQA-8) gained nothing from pairs in cache, so they keep one key at a time.
   /// Tried again on Zen 5 with the own-row requests (bench_attend built both ways, run in
-  /// turn, medians of 4 rounds): 0.97x / 0.97x the time at 16384 keys on 1 / 2 threads,
-  /// 0.94x at 4096, in cache 1.00x / 0.93x, every one within the rounds' spread: not kept.
+  /// turn, medians of 4 rounds): 0.98x / 0.97x the time at 16384 keys on 1 / 2 threads,
+  /// 0.94x / 0.94x at 4096, in cache 1.00x / 0.93x, with ranges that overlap the current
+  /// build's (16384 keys, 1 thread: 4.07-4.31 against 4.07-4.88 ms): not kept.
   static constexpr bool dims_key_pairs(int rows) { return dims_one_chain(rows) && 2 * rows <= width; }
   static constexpr int dims_pair_ahead = 16;
   /// Tasks of exactly 4 rows on AVX-512 (GQA groups of 4, the one-key loop) also
