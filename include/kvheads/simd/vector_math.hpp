@@ -121,9 +121,9 @@ typename Isa::vec tanh(typename Isa::vec x) {
 
 /// The largest |x| over the finite values of data[0, n), 0 when there are none (inf and
 /// NaN are left out). KvCache<bf16 / fp16>::append runs it over every appended value
-/// before storing any: the scalar loop it replaces, a compare pair per value that g++
-/// does not vectorise at -O2 or -O3, took 25-28% of an fp16 append's time, this 2-4%
-/// (Zen 5, 1 and 512 tokens of 8 KV heads x 128; bench/PERFORMANCE_LOG.md, run Z5h's entry).
+/// before storing any. The scalar loop it replaces, a compare pair per value that g++
+/// does not vectorise at -O2 or -O3, took 11.5-23x its time (bench/bench_append, Zen 5,
+/// two runs, 1 and 512 tokens of 8 KV heads x 128: this pass is 2.0-3.9% of an fp16 append).
 template <class Isa>
 float max_finite_magnitude(const float* data, std::ptrdiff_t n) {
   using V = typename Isa::vec;
