@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "cpu_isas.hpp"
 #include "test_support.hpp"
@@ -229,6 +230,87 @@ TEST_CASE("int8 rows of any finite magnitude read back within half a step, zeros
       CHECK(std::fabs(double(v_read[d]) - double(v[d])) <= tolerance);
       if (k[d] == 0.f) CHECK((k_read[d] == 0.f && v_read[d] == 0.f));
     }
+  }
+}
+
+TEST_CASE("int8 stores nearest-even(x * 127 / max) exactly, and finds a non-finite value anywhere", "[cache][storage]") {
+  // Every head_dim through the compiler-vectorised loops and their tails; values with
+  // ties (x * 127 / max = k + 1/2 exactly: max 127, x = k + 1/2) and random ones.
+  for (int head_dim = 1; head_dim <= 67; ++head_dim) {
+    INFO("head_dim " << head_dim);
+    const HeadLayout layout{1, 1, head_dim};
+    const auto length = static_cast<std::size_t>(head_dim);
+    std::vector<float> k(length), v(length);
+    std::uint32_t state = 7u + std::uint32_t(head_dim);
+    for (int d = 0; d < head_dim; ++d) {
+      state = state * 1664525u + 1013904223u;
+      k[std::size_t(d)] = d % 3 == 0 ? float(d % 127) + 0.5f : float(int(state >> 9) - (1 << 22)) / 65536.f;
+      v[std::size_t(d)] = (d % 2 ? -1.f : 1.f) * (float(d % 127) + 0.5f);
+    }
+    k[std::size_t(head_dim) / 2] = -127.f;  // max |k| = 127 unless a random value is larger
+    v[std::size_t(head_dim - 1)] = 127.f;
+    KvCache<std::int8_t> cache(layout, 1);
+    cache.append(k.data(), v.data(), 1);
+    for (const bool keys : {true, false}) {
+      const std::vector<float>& row = keys ? k : v;
+      double max = 0;
+      for (float x : row) max = std::max(max, std::fabs(double(x)));
+      const float scale = (keys ? cache.key_scales() : cache.value_scales())[0];
+      CHECK(scale == float(max) / 127.f);
+      const std::int8_t* stored = keys ? cache.keys() : cache.values();
+      int wrong = 0;
+      for (int d = 0; d < head_dim; ++d) {
+        // x * 127 / max is within 2^-40 of k + 1/2 only for the exact ties here.
+        const double want = std::clamp(std::nearbyint(double(row[std::size_t(d)]) * 127.0 / max), -127.0, 127.0);
+        wrong += stored[d] != std::int8_t(want);
+      }
+      INFO((keys ? "keys" : "values"));
+      CHECK(wrong == 0);
+    }
+    // A non-finite value at any position makes the row NaN (scale NaN), wherever it falls
+    // in the vectorised loop.
+    const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+    int missed = 0;
+    for (int at = 0; at < head_dim; ++at)
+      for (const float bad : {inf, -inf, nan}) {
+        std::vector<float> with = k;
+        with[std::size_t(at)] = bad;
+        KvCache<std::int8_t> poisoned(layout, 1);
+        poisoned.append(with.data(), v.data(), 1);
+        missed += !std::isnan(poisoned.key_scales()[0]) || std::isnan(poisoned.value_scales()[0]);
+      }
+    CHECK(missed == 0);
+  }
+}
+
+TEST_CASE("an fp16 cache stores fp16::from_float of every value, at every head_dim", "[cache][storage]") {
+  for (int head_dim = 1; head_dim <= 67; ++head_dim) {
+    INFO("head_dim " << head_dim);
+    const HeadLayout layout{2, 2, head_dim};
+    const int tokens = 3;
+    std::vector<float> k(std::size_t(tokens) * 2 * std::size_t(head_dim)), v(k.size());
+    std::uint32_t state = 11u + std::uint32_t(head_dim);
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      state = state * 1664525u + 1013904223u;
+      // Magnitudes from fp16's subnormals (~6e-8) to past its largest finite value.
+      const float magnitude = std::ldexp(1.f + float(state >> 9) / float(1 << 23), int(state % 42) - 26);
+      k[i] = state & 1u ? magnitude : -magnitude;
+      v[i] = magnitude > 65000.f ? std::numeric_limits<float>::quiet_NaN() : -k[i];
+    }
+    for (std::size_t i = 0; i < k.size(); ++i)
+      if (std::fabs(k[i]) >= 65520.f) k[i] = std::copysign(65504.f, k[i]);  // would throw: stays finite in fp16
+    KvCache<kvheads::fp16> cache(layout, tokens);
+    cache.append(k.data(), v.data(), tokens);
+    int wrong = 0;
+    for (int t = 0; t < tokens; ++t)
+      for (int h = 0; h < 2; ++h)
+        for (int d = 0; d < head_dim; ++d) {
+          const std::size_t src = (std::size_t(t) * 2 + std::size_t(h)) * std::size_t(head_dim) + std::size_t(d);
+          const std::ptrdiff_t slot = h * cache.head_stride() + t * cache.token_stride() + d;
+          wrong += cache.keys()[slot].bits != kvheads::fp16::from_float(k[src]).bits;
+          wrong += cache.values()[slot].bits != kvheads::fp16::from_float(v[src]).bits;
+        }
+    CHECK(wrong == 0);
   }
 }
 

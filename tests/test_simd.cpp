@@ -16,6 +16,7 @@
 
 #include <catch2/catch.hpp>
 #include <kvheads/simd/simd.hpp>
+#include <kvheads/storage_types.hpp>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -779,6 +780,71 @@ TEST_CASE("simd: max_finite_magnitude leaves out inf and NaN, at every position 
     const float largest = std::numeric_limits<float>::max();
     const float edge[] = {-largest, 1.f};
     CHECK(kvheads::simd::max_finite_magnitude<Isa>(edge, 2) == largest);
+  });
+}
+
+TEST_CASE("simd: narrow to fp16 gives fp16::from_float's bits, over the float range and at every length", "[simd]") {
+  // Every float that decides a rounding: each fp16 value, the midpoints between
+  // neighbours (ties to even), and the floats one ulp either side of both, in both signs,
+  // subnormals, 65504 and 65520 (the overflow edge) included; then every 65521st bit
+  // pattern (NaN payloads, sNaN, the whole exponent range); then the named specials.
+  std::vector<float> values;
+  const auto push_near = [&](float x) {
+    values.push_back(std::nextafter(x, -INFINITY));
+    values.push_back(x);
+    values.push_back(std::nextafter(x, INFINITY));
+  };
+  for (std::uint32_t bits = 0; bits < 0x7C00u; ++bits) {
+    const float here = kvheads::fp16::from_bits(std::uint16_t(bits)).to_float();
+    const float next = kvheads::fp16::from_bits(std::uint16_t(bits + 1)).to_float();  // 0x7C00: inf
+    const float midpoint = float((double(here) + double(next)) / 2);                  // exact in float
+    for (const float sign : {1.f, -1.f}) {
+      push_near(sign * here);
+      push_near(sign * midpoint);
+    }
+  }
+  for (std::uint64_t bits = 0; bits <= 0xFFFFFFFFu; bits += 65521) {
+    float x;
+    const auto narrow_bits = std::uint32_t(bits);
+    std::memcpy(&x, &narrow_bits, sizeof x);
+    values.push_back(x);
+  }
+  for (const std::uint32_t bits : {0x7F800000u, 0xFF800000u, 0x7FC00000u, 0xFFC00001u, 0x7F800001u, 0xFFBFFFFFu,
+                                   0x7F7FFFFFu, 0x00000001u, 0x80000000u, 0x477FE000u, 0x477FEFFFu, 0x477FF000u}) {
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    values.push_back(x);
+  }
+  std::vector<std::uint16_t> want(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) want[i] = kvheads::fp16::from_float(values[i]).bits;
+
+  for_each_runnable_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    std::vector<kvheads::fp16> got(values.size());
+    kvheads::simd::narrow<Isa>(values.data(), got.data(), std::ptrdiff_t(values.size()));
+    std::size_t mismatches = 0, first = values.size();
+    for (std::size_t i = 0; i < values.size(); ++i)
+      if (got[i].bits != want[i]) {
+        ++mismatches;
+        first = std::min(first, i);
+      }
+    INFO(values.size() << " values; first mismatch at " << first << " of value bits 0x" << std::hex
+                       << (first < values.size() ? kvheads::detail::float_bits(values[first]) : 0u));
+    CHECK(mismatches == 0);
+    // Every length through the vector loop and the tail, at every offset in a vector:
+    // nothing past n is written.
+    const std::uint16_t guard = 0x5A5A;
+    for (int offset = 0; offset < Isa::width; ++offset)
+      for (int n = 0; n <= 3 * Isa::width + 3; ++n) {
+        std::vector<kvheads::fp16> out(std::size_t(n) + max_width, kvheads::fp16::from_bits(guard));
+        kvheads::simd::narrow<Isa>(values.data() + offset, out.data(), n);
+        bool same = true, untouched = true;
+        for (int i = 0; i < n; ++i) same = same && out[std::size_t(i)].bits == want[std::size_t(offset + i)];
+        for (std::size_t i = std::size_t(n); i < out.size(); ++i) untouched = untouched && out[i].bits == guard;
+        INFO("offset " << offset << ", n = " << n);
+        CHECK(same);
+        CHECK(untouched);
+      }
   });
 }
 

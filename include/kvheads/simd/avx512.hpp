@@ -40,6 +40,11 @@ struct avx512 {
   static vec load_fp16(const std::uint16_t* p) {
     return _mm512_maskz_cvtph_ps(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  // Narrowing store (simd/narrow.hpp): as avx2's, with vcvtps2ph (AVX-512F).
+  static void store_fp16(std::uint16_t* p, vec v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_maskz_cvtps_ph(all, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
   static vec load_i8(const std::int8_t* p) {
     const __m512i wide = _mm512_maskz_cvtepi8_epi32(all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm512_maskz_cvtepi32_ps(all, wide);

@@ -8,6 +8,7 @@
 #include "kvheads/simd/avx512.hpp"
 #include "kvheads/simd/neon.hpp"
 #include "kvheads/simd/scalar.hpp"
+#include "kvheads/simd/narrow.hpp"
 #include "kvheads/simd/vector_math.hpp"
 
 // Which ISA tags exist in this translation unit (the same conditions as the ISA files).
