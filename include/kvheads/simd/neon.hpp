@@ -43,8 +43,9 @@ struct neon {
   // Widening loads from KV storage (simd/widen.hpp).
   static vec load_bf16(const std::uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
   static vec load_fp16(const std::uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-  // Narrowing store (simd/narrow.hpp): FCVTN rounds by FPCR, nearest-even unless the
-  // program changed it; NaN turns quiet with its sign and top payload bits.
+  // Narrowing store (simd/narrow.hpp): FCVTN rounds and flushes as FPCR says: nearest-even,
+  // subnormals kept, unless the program changed it; NaN turns quiet with its sign and top
+  // payload bits.
   static void store_fp16(std::uint16_t* p, vec v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v))); }
   static vec load_i8(const std::int8_t* p) {
     std::int32_t four;  // exactly four bytes: never read past the row
