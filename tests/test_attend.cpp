@@ -3,6 +3,9 @@
 // the machine runs, 1 and 2 threads.
 #include <catch2/catch.hpp>
 
+#include <initializer_list>
+#include <vector>
+
 #include "cpu_isas.hpp"
 #include "test_support.hpp"
 
@@ -25,16 +28,23 @@ const std::vector<HeadLayout> layouts_for(int head_dim) {
   };
 }
 
+/// attend<Isa> against the reference, on each of thread_counts (options.threads alone
+/// when empty). The reference, most of these tests' run time, is computed once.
 template <class Isa>
-void check_against_reference(const Problem& p, AttentionOptions options) {
-  INFO(describe(p.layout, p.q_len, p.kv_len, options) << " isa " << Isa::name);
+void check_against_reference(const Problem& p, AttentionOptions options, std::initializer_list<int> thread_counts = {}) {
   std::vector<float> expected_lse;
   const std::vector<float> expected = p.reference(options, &expected_lse);
-  std::vector<float> out(p.out_size(), -123.f), lse(expected_lse.size(), -123.f);
-  kvheads::attend<Isa>(p.q.data(), p.k.data(), p.v.data(), out.data(), p.q_len, p.kv_len, p.layout, options,
-                       lse.data());
-  CHECK(relative_error(out, expected) <= tolerance);
-  CHECK(relative_error(lse, expected_lse, 1.0) <= tolerance);
+  const std::vector<int> threads_list =
+      thread_counts.size() > 0 ? std::vector<int>(thread_counts) : std::vector<int>{options.threads};
+  for (int threads : threads_list) {
+    options.threads = threads;
+    INFO(describe(p.layout, p.q_len, p.kv_len, options) << " isa " << Isa::name);
+    std::vector<float> out(p.out_size(), -123.f), lse(expected_lse.size(), -123.f);
+    kvheads::attend<Isa>(p.q.data(), p.k.data(), p.v.data(), out.data(), p.q_len, p.kv_len, p.layout, options,
+                         lse.data());
+    CHECK(relative_error(out, expected) <= tolerance);
+    CHECK(relative_error(lse, expected_lse, 1.0) <= tolerance);
+  }
 }
 
 }  // namespace
@@ -131,21 +141,16 @@ TEMPLATE_LIST_TEST_CASE("every ISA matches the reference on tails of every tile 
   const std::vector<std::pair<int, int>> lengths = {{1, 1},    {1, 2},    {2, 17},   {5, 63},    {17, 64},
                                                     {1, 65},   {65, 129}, {9, 121},  {1, 256},  {2, 257},   {3, 1000},
                                                     {1, 1024}, {2, 1025}};
-  for (int threads : {1, 2})
-    for (int head_dim : {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 80})
-      for (const HeadLayout& layout : {HeadLayout{3, 3, head_dim}, HeadLayout{8, 4, head_dim}, HeadLayout{12, 4, head_dim},
-                                       HeadLayout{16, 2, head_dim}, HeadLayout{32, 2, head_dim}, HeadLayout{16, 1, head_dim},
-                                       HeadLayout{6, 1, head_dim}})
-        for (auto [q_len, kv_len] : lengths) {
-          if (head_dim > 17 && head_dim != 64 && kv_len > 200) continue;
-          const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim + q_len * 13 + kv_len * 3 + layout.q_heads));
-          AttentionOptions plain;
-          plain.threads = threads;
-          AttentionOptions combined = option_sets().back();
-          combined.threads = threads;
-          check_against_reference<Isa>(p, plain);
-          check_against_reference<Isa>(p, combined);
-        }
+  for (int head_dim : {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 80})
+    for (const HeadLayout& layout : {HeadLayout{3, 3, head_dim}, HeadLayout{8, 4, head_dim}, HeadLayout{12, 4, head_dim},
+                                     HeadLayout{16, 2, head_dim}, HeadLayout{32, 2, head_dim}, HeadLayout{16, 1, head_dim},
+                                     HeadLayout{6, 1, head_dim}})
+      for (auto [q_len, kv_len] : lengths) {
+        if (head_dim > 17 && head_dim != 64 && kv_len > 200) continue;
+        const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim + q_len * 13 + kv_len * 3 + layout.q_heads));
+        check_against_reference<Isa>(p, AttentionOptions{}, {1, 2});
+        check_against_reference<Isa>(p, option_sets().back(), {1, 2});
+      }
 }
 
 TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows longer than the register tile",
@@ -166,17 +171,14 @@ TEMPLATE_LIST_TEST_CASE("every ISA's decode tiles match the reference with rows 
   // head_dim 112 and 128 (7 and 8 vectors) take the one-pass P.V of 4-row tiles whose
   // last 1-2 vectors per row accumulate in L1 (Tiling::pv_memory_chunks_wide); with q_len
   // 2 its second tile's pass walks the keys backwards.
-  for (int threads : {1, 2})
-    for (int head_dim : {72, 112, 128, 131})
-      for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{6, 2, head_dim},
-                                       HeadLayout{8, 2, head_dim}, HeadLayout{10, 2, head_dim}, HeadLayout{7, 1, head_dim}})
-        for (int q_len : {1, 2}) {
-          const Problem p(layout, q_len, 2601, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
-          for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
-            options.threads = threads;
-            check_against_reference<Isa>(p, options);
-          }
-        }
+  for (int head_dim : {72, 112, 128, 131})
+    for (const HeadLayout& layout : {HeadLayout{2, 2, head_dim}, HeadLayout{4, 2, head_dim}, HeadLayout{6, 2, head_dim},
+                                     HeadLayout{8, 2, head_dim}, HeadLayout{10, 2, head_dim}, HeadLayout{7, 1, head_dim}})
+      for (int q_len : {1, 2}) {
+        const Problem p(layout, q_len, 2601, std::uint32_t(head_dim * 7 + layout.q_heads + q_len));
+        for (const AttentionOptions& options : {AttentionOptions{}, option_sets().back()})
+          check_against_reference<Isa>(p, options, {1, 2});
+      }
 }
 
 TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges exactly", "[attend][isa][threads]",
@@ -184,14 +186,10 @@ TEMPLATE_LIST_TEST_CASE("every ISA splits long decode over threads and merges ex
   using Isa = TestType;
   if (!cpu_runs<Isa>()) return;
   // One KV head and one query: only key splits can use a second thread.
-  for (int threads : {1, 2, 3, 8})
-    for (const HeadLayout& layout : {HeadLayout{8, 1, 64}, HeadLayout{4, 4, 17}, HeadLayout{32, 1, 128}}) {
-      const Problem p(layout, 1, 5000, 99);
-      for (AttentionOptions options : option_sets()) {
-        options.threads = threads;
-        check_against_reference<Isa>(p, options);
-      }
-    }
+  for (const HeadLayout& layout : {HeadLayout{8, 1, 64}, HeadLayout{4, 4, 17}, HeadLayout{32, 1, 128}}) {
+    const Problem p(layout, 1, 5000, 99);
+    for (const AttentionOptions& options : option_sets()) check_against_reference<Isa>(p, options, {1, 2, 3, 8});
+  }
 }
 
 TEMPLATE_LIST_TEST_CASE("every ISA's plain-memory decode, read in key chunks head by head, matches the reference",
@@ -208,15 +206,11 @@ TEMPLATE_LIST_TEST_CASE("every ISA's plain-memory decode, read in key chunks hea
   options_list.push_back(AttentionOptions{});
   options_list.back().sinks = sinks.data();
   options_list.back().causal = true;
-  for (int threads : {1, 2})
-    for (const HeadLayout& layout : {HeadLayout{4, 4, 64}, HeadLayout{32, 8, 128}, HeadLayout{8, 2, 33}})
-      for (auto [q_len, kv_len] : std::vector<std::pair<int, int>>{{1, 511}, {1, 512}, {1, 513}, {2, 1000}, {4, 1000}, {1, 4097}}) {
-        const Problem p(layout, q_len, kv_len, std::uint32_t(kv_len * 3 + layout.kv_heads + q_len));
-        for (AttentionOptions options : options_list) {
-          options.threads = threads;
-          check_against_reference<Isa>(p, options);
-        }
-      }
+  for (const HeadLayout& layout : {HeadLayout{4, 4, 64}, HeadLayout{32, 8, 128}, HeadLayout{8, 2, 33}})
+    for (auto [q_len, kv_len] : std::vector<std::pair<int, int>>{{1, 511}, {1, 512}, {1, 513}, {2, 1000}, {4, 1000}, {1, 4097}}) {
+      const Problem p(layout, q_len, kv_len, std::uint32_t(kv_len * 3 + layout.kv_heads + q_len));
+      for (const AttentionOptions& options : options_list) check_against_reference<Isa>(p, options, {1, 2});
+    }
 }
 
 TEST_CASE("plain-memory decode requests exactly the rows the task two heads on reads, and only rows that exist",

@@ -50,27 +50,27 @@ double storage_tolerance() {
   return tolerance;
 }
 
+/// Options with the fp32 reference's output for them (shared by the storage types).
+struct AttendOptionsAndReference {
+  AttentionOptions options;
+  std::vector<float> expected;
+};
+
 template <class T, class Isa>
-void check_storage() {
-  for (int head_dim : {3, 17, 64, 128})
-    for (const HeadLayout& layout : {HeadLayout{4, 4, head_dim}, HeadLayout{8, 2, head_dim}, HeadLayout{8, 1, head_dim}})
-      for (auto [q_len, kv_len] : {std::pair{1, 17}, std::pair{17, 1000}, std::pair{1, 3000}})
-        for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
-          options.threads = 2;
-          INFO(describe(layout, q_len, kv_len, options) << " storage " << storage_name<T>() << " isa " << Isa::name);
-          const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim + q_len + kv_len));
-          KvCache<T> cache(layout, kv_len);
-          cache.append(p.k.data(), p.v.data(), kv_len);
-          std::vector<float> out(p.out_size());
-          kvheads::attend<Isa>(p.q.data(), q_len, cache, out.data(), options);
-          // Tight: against the reference on the values the cache actually holds.
-          const auto [k, v] = cached_kv(cache);
-          std::vector<float> rounded(p.out_size());
-          kvheads::reference_attend(p.q.data(), k.data(), v.data(), rounded.data(), q_len, kv_len, layout, options);
-          CHECK(relative_error(out, rounded) <= tolerance);
-          // Stated: against the fp32 reference.
-          CHECK(relative_error(out, p.reference(options)) <= storage_tolerance<T>());
-        }
+void check_storage(const Problem& p, const AttendOptionsAndReference& fp32) {
+  const AttentionOptions& options = fp32.options;
+  INFO(describe(p.layout, p.q_len, p.kv_len, options) << " storage " << storage_name<T>() << " isa " << Isa::name);
+  KvCache<T> cache(p.layout, p.kv_len);
+  cache.append(p.k.data(), p.v.data(), p.kv_len);
+  std::vector<float> out(p.out_size());
+  kvheads::attend<Isa>(p.q.data(), p.q_len, cache, out.data(), options);
+  // Tight: against the reference on the values the cache actually holds.
+  const auto [k, v] = cached_kv(cache);
+  std::vector<float> rounded(p.out_size());
+  kvheads::reference_attend(p.q.data(), k.data(), v.data(), rounded.data(), p.q_len, p.kv_len, p.layout, options);
+  CHECK(relative_error(out, rounded) <= tolerance);
+  // Stated: against the fp32 reference.
+  CHECK(relative_error(out, fp32.expected) <= storage_tolerance<T>());
 }
 
 // A ring that has wrapped: the kernel reads its keys in two segments (from the oldest
@@ -81,31 +81,32 @@ void check_ring_storage() {
   for (int head_dim : {17, 128})
     for (const HeadLayout& layout : {HeadLayout{4, 4, head_dim}, HeadLayout{8, 2, head_dim}, HeadLayout{8, 1, head_dim}})
       for (int q_len : {1, 3})
-        for (int window : {37, 300})
+        for (int window : {37, 300}) {
+          const int total = 3 * window + 11;  // wrapped three times: the oldest slot sits mid-ring
+          const Problem p(layout, q_len, total, std::uint32_t(head_dim + window + q_len));
+          auto ring = KvCache<T>::ring(layout, window, q_len);
+          for (int done = 0; done < total; done += 7) {
+            const int n = std::min(7, total - done);
+            const std::ptrdiff_t offset = std::ptrdiff_t(done) * layout.kv_width();
+            ring.append(p.k.data() + offset, p.v.data() + offset, n);
+          }
+          AttentionOptions options = option_sets().back();
+          options.window = 0;  // the ring's own
+          const auto [k, v] = cached_kv(ring);
+          AttentionOptions reference_options = options;
+          reference_options.window = window;
+          std::vector<float> expected(p.out_size());
+          kvheads::reference_attend(p.q.data(), k.data(), v.data(), expected.data(), q_len, ring.size(), layout,
+                                    reference_options);
           for (int threads : {1, 2}) {
-            const int total = 3 * window + 11;  // wrapped three times: the oldest slot sits mid-ring
-            const Problem p(layout, q_len, total, std::uint32_t(head_dim + window + q_len));
-            auto ring = KvCache<T>::ring(layout, window, q_len);
-            for (int done = 0; done < total; done += 7) {
-              const int n = std::min(7, total - done);
-              const std::ptrdiff_t offset = std::ptrdiff_t(done) * layout.kv_width();
-              ring.append(p.k.data() + offset, p.v.data() + offset, n);
-            }
-            AttentionOptions options = option_sets().back();
-            options.window = 0;  // the ring's own
             options.threads = threads;
             INFO(describe(layout, q_len, total, options) << " ring window " << window << " storage " << storage_name<T>()
                                                          << " isa " << Isa::name);
             std::vector<float> out(p.out_size());
             kvheads::attend<Isa>(p.q.data(), q_len, ring, out.data(), options);
-            const auto [k, v] = cached_kv(ring);
-            AttentionOptions reference_options = options;
-            reference_options.window = window;
-            std::vector<float> expected(p.out_size());
-            kvheads::reference_attend(p.q.data(), k.data(), v.data(), expected.data(), q_len, ring.size(), layout,
-                                      reference_options);
             CHECK(relative_error(out, expected) <= tolerance);
           }
+        }
 }
 
 }  // namespace
@@ -114,9 +115,17 @@ TEMPLATE_LIST_TEST_CASE("bf16, fp16 and int8 caches match the reference on every
                         kvheads::simd::enabled_isas) {
   using Isa = TestType;
   if (!cpu_runs<Isa>()) return;
-  check_storage<kvheads::bf16, Isa>();
-  check_storage<kvheads::fp16, Isa>();
-  check_storage<std::int8_t, Isa>();
+  for (int head_dim : {3, 17, 64, 128})
+    for (const HeadLayout& layout : {HeadLayout{4, 4, head_dim}, HeadLayout{8, 2, head_dim}, HeadLayout{8, 1, head_dim}})
+      for (auto [q_len, kv_len] : {std::pair{1, 17}, std::pair{17, 1000}, std::pair{1, 3000}})
+        for (AttentionOptions options : {AttentionOptions{}, option_sets().back()}) {
+          options.threads = 2;
+          const Problem p(layout, q_len, kv_len, std::uint32_t(head_dim + q_len + kv_len));
+          const AttendOptionsAndReference fp32{options, p.reference(options)};  // once for the three types
+          check_storage<kvheads::bf16, Isa>(p, fp32);
+          check_storage<kvheads::fp16, Isa>(p, fp32);
+          check_storage<std::int8_t, Isa>(p, fp32);
+        }
 }
 
 TEMPLATE_LIST_TEST_CASE("wrapped rings of every storage type match the reference on every ISA",
@@ -537,19 +546,20 @@ TEMPLATE_LIST_TEST_CASE("attention sinks join the softmax denominator on every I
     std::vector<float> sinks = random_vector(std::size_t(layout.q_heads), 12, 2.f);
     sinks[0] = 30.f;  // a sink that dominates its head
     for (auto [q_len, kv_len] : {std::pair{1, 1}, std::pair{1, 3000}, std::pair{17, 17}, std::pair{5, 200}})
-      for (AttentionOptions options : {AttentionOptions{}, option_sets()[2], option_sets().back()})
+      for (AttentionOptions options : {AttentionOptions{}, option_sets()[2], option_sets().back()}) {
+        options.sinks = sinks.data();
+        const Problem p(layout, q_len, kv_len, 4);
+        std::vector<float> expected_lse;
+        const std::vector<float> expected = p.reference(options, &expected_lse);  // once for both thread counts
         for (int threads : {1, 2}) {
-          options.sinks = sinks.data();
           options.threads = threads;
           INFO(describe(layout, q_len, kv_len, options) << " isa " << Isa::name);
-          const Problem p(layout, q_len, kv_len, 4);
-          std::vector<float> expected_lse, lse(std::size_t(q_len * layout.q_heads));
-          const std::vector<float> expected = p.reference(options, &expected_lse);
-          std::vector<float> out(p.out_size());
+          std::vector<float> out(p.out_size()), lse(std::size_t(q_len * layout.q_heads));
           kvheads::attend<Isa>(p.q.data(), p.k.data(), p.v.data(), out.data(), q_len, kv_len, layout, options, lse.data());
           CHECK(relative_error(out, expected) <= tolerance);
           CHECK(relative_error(lse, expected_lse, 1.0) <= tolerance);
         }
+      }
   }
 }
 

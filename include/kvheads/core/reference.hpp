@@ -43,8 +43,14 @@ void reference_attend(HeadsView<const float> q, HeadsView<KvT> k, HeadsView<KvT>
       double max = -std::numeric_limits<double>::infinity();
       for (std::ptrdiff_t j = range.first; j <= range.last; ++j) {
         const auto* k_row = k.row(j, kv_head);
-        double dot = 0;
-        for (int d = 0; d < head_dim; ++d) dot += double(q_row[d]) * double(k_row[d]);
+        // Four partial sums: one chain of dependent adds made this dot product most of the
+        // tests' run time (a reference over the per-ISA tail shapes: 0.89 -> 0.64 s).
+        double part[4] = {0, 0, 0, 0};
+        int d = 0;
+        for (; d + 4 <= head_dim; d += 4)
+          for (int lane = 0; lane < 4; ++lane) part[lane] += double(q_row[d + lane]) * double(k_row[d + lane]);
+        for (; d < head_dim; ++d) part[0] += double(q_row[d]) * double(k_row[d]);
+        const double dot = (part[0] + part[1]) + (part[2] + part[3]);
         double s = scale * dot;
         if (options.softcap > 0.f) s = options.softcap * std::tanh(s / options.softcap);
         if (options.alibi) s += slopes[std::size_t(h)] * double(j - position);
