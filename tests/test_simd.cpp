@@ -796,8 +796,10 @@ TEST_CASE("simd: narrow to fp16 gives fp16::from_float's bits, over the float ra
   };
   for (std::uint32_t bits = 0; bits < 0x7C00u; ++bits) {
     const float here = kvheads::fp16::from_bits(std::uint16_t(bits)).to_float();
-    const float next = kvheads::fp16::from_bits(std::uint16_t(bits + 1)).to_float();  // 0x7C00: inf
-    const float midpoint = float((double(here) + double(next)) / 2);                  // exact in float
+    // Past 65504 the next step would be 65536 (where fp16 has inf): the midpoint is 65520,
+    // the overflow edge.
+    const float next = bits == 0x7BFFu ? 65536.f : kvheads::fp16::from_bits(std::uint16_t(bits + 1)).to_float();
+    const float midpoint = float((double(here) + double(next)) / 2);  // exact in float
     for (const float sign : {1.f, -1.f}) {
       push_near(sign * here);
       push_near(sign * midpoint);
@@ -810,7 +812,8 @@ TEST_CASE("simd: narrow to fp16 gives fp16::from_float's bits, over the float ra
     values.push_back(x);
   }
   for (const std::uint32_t bits : {0x7F800000u, 0xFF800000u, 0x7FC00000u, 0xFFC00001u, 0x7F800001u, 0xFFBFFFFFu,
-                                   0x7F7FFFFFu, 0x00000001u, 0x80000000u, 0x477FE000u, 0x477FEFFFu, 0x477FF000u}) {
+                                   0x7F7FFFFFu, 0x00000001u, 0x80000000u, 0x477FE000u, 0x477FEFFFu, 0x477FF000u,
+                                   0x477FF001u}) {
     float x;
     std::memcpy(&x, &bits, sizeof x);
     values.push_back(x);

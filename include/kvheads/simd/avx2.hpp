@@ -38,9 +38,10 @@ struct avx2 {
   static vec load_fp16(const std::uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  // Narrowing store (simd/narrow.hpp): nearest-even from the immediate and fp16
-  // subnormals kept (the instruction ignores MXCSR.FTZ), whatever MXCSR says; NaN keeps
-  // its sign and top payload bits and turns quiet, as in fp16::from_float.
+  // Narrowing store (simd/narrow.hpp): nearest-even from the immediate whatever MXCSR's
+  // rounding mode, and fp16 subnormals kept (the instruction ignores MXCSR.FTZ); NaN keeps
+  // its sign and top payload bits and turns quiet, as in fp16::from_float. It still sets
+  // MXCSR's status flags (see narrow.hpp).
   static void store_fp16(std::uint16_t* p, vec v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }

@@ -5,7 +5,14 @@
 // bit for bit) and is used for whole vectors; any other ISA, and a row's tail, converts
 // lane by lane. Lane-by-lane fp16 conversion is branchy integer code that the compiler
 // does not vectorise: it took 16-55x the vector pass's time (bench/bench_append, Zen 5),
-// and made an fp16 append 12-14x a bf16 one.
+// and made an fp16 append 12-15x a bf16 one.
+//
+// Unlike the integer code of fp16::from_float, the instructions use the floating-point
+// environment: they set its status flags (inexact, overflow, underflow, invalid for sNaN),
+// which trap only where the program unmasked them (feenableexcept); and on NEON, FCVTN
+// rounds and treats NaN as FPCR says. Every program starts with nearest-even and default
+// NaNs off, and then the results are from_float's; a program that changes FPCR's rounding
+// mode, or sets its DN or AHP bits, changes what an fp16 cache stores on NEON.
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
