@@ -1060,6 +1060,7 @@ class FusedTask {
   static constexpr int max_key_block =
       std::max({Tiling<Isa>::key_block, Tiling<Isa>::key_block_many, Tiling<Isa>::key_block_few});
   static constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  static constexpr bool few_rows_possible = 2 * (GroupStatic == Dynamic ? 1 : GroupStatic) <= width;
   static constexpr int dim_padded_static =
       HeadDimStatic == Dynamic ? Dynamic : (HeadDimStatic + width - 1) / width * width;
 
@@ -1096,10 +1097,14 @@ class FusedTask {
     // The two layouts compile as separate functions: as one, g++ gave up inlining into
     // the few-row loops once the many-row path grew (GQA-8 decode of 16384 keys, 1
     // thread: 6.9 against 7.6 ms, medians of 9 alternating runs; equal in cache).
-    if (2 * group_.get() * queries <= width)  // too few rows to fill a vector
-      run_layout<true>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, mass_rows);
-    else
-      run_layout<false>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, mass_rows);
+    // The few-row layout is not even compiled where no call can take it (a compile-time
+    // group of more than half a vector, or any group on one-lane scalar). That cut the
+    // compile time of the fp32 kernels of scalar from 90 to 72 s, of AVX2 from 133 to 116.
+    if constexpr (few_rows_possible) {
+      if (2 * group_.get() * queries <= width)  // too few rows to fill a vector
+        return run_layout<true>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, mass_rows);
+    }
+    run_layout<false>(kv_head, first_query, queries, key_begin, key_end, scratch, out_rows, mass_rows);
   }
 
  private:
