@@ -22,16 +22,20 @@ separate_arguments(_kvheads_kernel_flags NATIVE_COMMAND "${KVHEADS_KERNEL_FLAGS}
 # KVHEADS_KERNEL_FLAGS.
 function(kvheads_hot_test_sources)
   if(_kvheads_kernel_flags)
-    set_source_files_properties(${ARGN} PROPERTIES COMPILE_OPTIONS "${_kvheads_kernel_flags}")
+    set_property(SOURCE ${ARGN} APPEND PROPERTY COMPILE_OPTIONS ${_kvheads_kernel_flags})
   endif()
 endfunction()
 
 function(kvheads_add_kernel_library target)
   set(sources)
   # Only the ISAs the target architecture can have: a file whose guard is false still
-  # parses the kernel headers (1.5-2 s each, eight of them in an aarch64 build).
+  # parses the kernel headers (1.5-2 s each, eight of them in an aarch64 build). Where the
+  # target may differ from CMAKE_SYSTEM_PROCESSOR (macOS architectures, a Visual Studio
+  # platform), every ISA: the guards decide.
   string(TOLOWER "${CMAKE_SYSTEM_PROCESSOR}" _arch)
-  if(_arch MATCHES "^(x86_64|amd64|x64|i[3-6]86|x86)$")
+  if(CMAKE_OSX_ARCHITECTURES OR CMAKE_GENERATOR_PLATFORM)
+    set(isas scalar avx2 avx512 neon)
+  elseif(_arch MATCHES "^(x86_64|amd64|x64|i[3-6]86|x86)$")
     set(isas scalar avx2 avx512)
   elseif(_arch MATCHES "^(aarch64|arm64)$")
     set(isas scalar neon)
@@ -62,12 +66,17 @@ KVHEADS_INSTANTIATE_KERNELS_FOR(kvheads::simd::${isa}, ${type})
 #endif
 " @ONLY)
       list(APPEND sources "${source}")
-      if(isa STREQUAL "scalar" AND NOT MSVC)
-        # The scalar kernels at -O2 in Release: they are the portable fallback, which our
-        # tests check and no benchmark times where a vector ISA exists. At -O3, g++ spent
-        # half their compile time auto-vectorising them: 170 of the main build's 1025
-        # CPU-s for fp32 alone, 90 at -O2. Same code and results (no -ffast-math either way).
-        set_source_files_properties("${source}" PROPERTIES COMPILE_OPTIONS "$<$<CONFIG:Release>:-O2>")
+      if(isa STREQUAL "scalar" AND _kvheads_use_native AND NOT MSVC)
+        # The scalar kernels at -O2 in Release builds for the native CPU: there they are
+        # the portable fallback, which our tests check and no benchmark times (the default
+        # ISA is a vector one on any x86-64 with AVX2 and on aarch64; without
+        # KVHEADS_NATIVE, scalar is the default on x86 and keeps -O3). At -O3, g++ spent half
+        # their compile time auto-vectorising them: fp32 170 s of the main build's 1025
+        # CPU-s, 90 at -O2 (72 since the few-row layout is compiled only where usable).
+        # Same source and results (no -ffast-math at either level). KVHEADS_KERNEL_FLAGS
+        # still comes last.
+        set_property(SOURCE "${source}" PROPERTY COMPILE_OPTIONS "$<$<CONFIG:Release>:-O2>"
+                     ${_kvheads_kernel_flags})
       endif()
     endforeach()
   endforeach()
