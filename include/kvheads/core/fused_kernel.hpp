@@ -354,7 +354,10 @@ struct Tiling {
   /// TSC cycles per key: one block in L2, P.V 244-247 -> 217-218; 16384 keys from DRAM,
   /// Q.K 191 -> 215 and P.V 269-275 -> 230-231, the call 505-510 -> 490-492. Requests for
   /// V during P.V instead (the next tile's rows, or two tiles ahead) took P.V to 317-323.
-  /// With 32 registers unmeasured: AVX-512 and NEON keep the tiles above.
+  /// With 32 registers the tiles above stay: on the Intel Xeon (family 6 model 207,
+  /// AVX-512), pv_by_keys with 8 keys x 2 row vectors took MQA decode (bench_attend, both
+  /// builds run in turn, 3 rounds) 0.99-1.00x the time at 16384 keys on 1 thread,
+  /// 1.00-1.03x on 2, 0.99-1.00x in cache: no gain for a second path. NEON is unmeasured.
   static constexpr bool pv_whole_rows_many = !many_registers;
   static constexpr int pv_keys_many = 6;
   /// P.V for few rows (decode): pv_rows_few rows x whole V rows of up to pv_chunks_few
