@@ -641,9 +641,9 @@ constexpr int kSideBySideRounds = 9;
 // for prefill, its Q, K/V and scratch) back into the caches the burst evicted them from,
 // so the timed calls see the steady state a benchmark loop measures and the burst's
 // bandwidth describes (it too is best of repeated reads of one buffer). How many that
-// takes depends on the last-level cache: on Zen 5 (32 MiB L3) MQA decode's 16 MiB came
-// back in one call (the first three calls after a burst took 1.63-1.77 ms, later ones
-// 1.50-1.65); on the Intel Xeon (family 6 model 207, 300 MiB L3), GQA-8 decode at 16384
+// takes depends on the last-level cache. One untimed call was the rule on Zen 5 (32 MiB
+// L3), where MQA decode's first three calls after a burst took 1.63-1.77 ms and later
+// ones 1.50-1.65, so even there one call was not quite enough; on the Intel Xeon (family 6 model 207, 300 MiB L3), GQA-8 decode at 16384
 // (128 MiB) took 8.8, 8.8, 6.5, 4.1, 3.9, 3.9 ms, and with one untimed call the rounds put
 // it at 1.75 of the roofline against 1.07 in the summary. So: at least
 // kSideBySideMinWarmCalls, then more until a call is less than kSideBySideSettled faster
